@@ -1,0 +1,95 @@
+"""The one attack engine: PGD (and FGSM as its one-step case) for training methods and evaluation alike.
+
+    pgd(model, x, y, eps=8/255, alpha=2/255, steps=10)                       # PGD-AT (Madry et al.)
+    pgd(model, x, y, eps=8/255, alpha=10/255, steps=1)                       # FGSM-RS (Wong et al.), alpha=1.25 eps
+    pgd(model, x, None, eps=8/255, alpha=2/255, steps=10, loss='kl',
+        target=softmax(model(x)), start='normal')                           # TRADES' inner maximisation
+    pgd(model, x, y, eps=8/255, alpha=2/255, steps=20, restarts=5)           # evaluation
+
+eps and alpha are in pixel units of [0,1]. Only the input gradient is asked of autograd, so weight .grad buffers
+are never touched and the attack costs no weight-gradient work.
+"""
+import torch
+from torch import Tensor, nn
+
+from .geometry import ascent_direction, check_norm, project, random_init
+from .losses import get_loss
+from .modes import bn_mode
+from .passes import FORWARD, PassCounter
+
+
+def _rows(mask: Tensor, like: Tensor) -> Tensor:
+    return mask.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _ascend(model, x, y, target, loss_fn, eps, alpha, steps, norm, start, counter, record_best) -> Tensor:
+    """One run of `steps` projected ascent steps from a fresh start point."""
+    x_adv = random_init(x, eps, norm, start)
+    best, best_loss = x_adv, torch.full((len(x),), float('-inf'), device=x.device)
+    for _ in range(steps):
+        x_adv = x_adv.detach().requires_grad_(True)  # a fresh leaf: `best` may still hold the previous tensor
+        loss = loss_fn(model(x_adv), y, target)
+        grad, = torch.autograd.grad(loss.sum(), x_adv)
+        x_adv = x_adv.detach()
+        if record_best:
+            better = loss.detach() > best_loss
+            best, best_loss = torch.where(_rows(better, x), x_adv, best), torch.where(better, loss.detach(), best_loss)
+        x_adv = project(x_adv + alpha * ascent_direction(grad, norm).to(x.dtype), x, eps, norm)
+    if counter is not None:
+        counter.add(len(x), steps)
+    if not record_best or steps == 0:
+        return x_adv
+    # The last iterate has not been scored yet: one forward decides whether it beats the earlier ones.
+    with torch.no_grad():
+        loss = loss_fn(model(x_adv), y, target)
+    if counter is not None:
+        counter.add(len(x), FORWARD)
+    return torch.where(_rows(loss > best_loss, x), x_adv, best)
+
+
+def _misclassified(model: nn.Module, x_adv: Tensor, y: Tensor, counter: PassCounter | None) -> Tensor:
+    with torch.no_grad():
+        wrong = model(x_adv).argmax(dim=1) != y
+    if counter is not None:
+        counter.add(len(x_adv), FORWARD)
+    return wrong
+
+
+def pgd(model: nn.Module, x: Tensor, y: Tensor | None, *, eps: float, alpha: float, steps: int,
+        norm: str = 'linf', loss: str = 'ce', start: str = 'uniform', restarts: int = 1,
+        target: Tensor | None = None, bn: str = 'eval', counter: PassCounter | None = None,
+        record_best: bool = False) -> Tensor:
+    """Projected gradient ascent on `loss` inside the eps ball; returns a detached x_adv in the ball and in [0,1].
+
+    loss 'ce' / 'cw' need labels y; 'kl' needs target = p(x) on the clean input (TRADES). record_best returns, per
+    example, the iterate with the highest loss instead of the last (one extra forward). restarts > 1 returns, per
+    example, the first restart's point that the model misclassifies, else the last restart's: an example is robust
+    only if every restart fails. counter gets steps passes per example per restart, plus 1/3 per example for each
+    misclassification check (after every restart but the last, whose outcome cannot change the choice).
+    """
+    check_norm(norm)
+    loss_fn = get_loss(loss)
+    if (loss == 'kl') != (target is not None):
+        raise ValueError("loss 'kl' needs target (p(x) on the clean input); losses 'ce' and 'cw' take none")
+    if loss != 'kl' and y is None:
+        raise ValueError(f"loss {loss!r} needs labels y")
+    if steps < 0 or restarts < 1:
+        raise ValueError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
+    if restarts > 1 and loss == 'kl':
+        raise ValueError("restarts > 1 pick points by misclassification: use loss 'ce' or 'cw' with labels y")
+    x = x.detach()
+    fooled = None  # per example: has an earlier restart's point already been misclassified?
+    with bn_mode(model, bn), torch.enable_grad():
+        for r in range(restarts):
+            candidate = _ascend(model, x, y, target, loss_fn, eps, alpha, steps, norm, start, counter, record_best)
+            x_adv = candidate if fooled is None else torch.where(_rows(fooled, x), x_adv, candidate)
+            if r < restarts - 1:
+                hit = _misclassified(model, candidate, y, counter)
+                fooled = hit if fooled is None else fooled | hit
+    return x_adv
+
+
+def fgsm(model: nn.Module, x: Tensor, y: Tensor, *, eps: float, norm: str = 'linf', bn: str = 'eval',
+         counter: PassCounter | None = None) -> Tensor:
+    """One full-size step from x itself (no random start); FGSM-RS is pgd(steps=1, alpha=1.25*eps) instead."""
+    return pgd(model, x, y, eps=eps, alpha=eps, steps=1, norm=norm, start='none', bn=bn, counter=counter)

@@ -1,0 +1,96 @@
+"""Command-line entry points: `advtrain` (train), `advtrain-eval` (evaluate a checkpoint), `advtrain-report`.
+
+    advtrain method=pgd dataset=cifar10 arch=preact_resnet18
+    advtrain experiment=mnist_fgsm_rs_wong2020 dataset.root=/data logger=none
+    advtrain -m method=pgd,fgsm_rs,trades seed=0,1,2
+    advtrain-eval checkpoint=outputs/.../checkpoints/last.pt attack=[pgd50,autoattack] eval.n=1000
+
+Hydra composes the config; every user error (config, data, checkpoint, NaN loss) ends in ONE line on stderr and
+exit status 2, never a traceback; a run stopped by SIGTERM/SIGUSR1 exits with 128 + the signal number after writing
+its checkpoint. ADVTRAIN_DEBUG=1 (or HYDRA_FULL_ERROR=1) shows the full traceback instead.
+"""
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig
+
+from advtrain.errors import USER_ERRORS, describe_hydra_error
+
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def _one_line_errors(task):
+    """Inside the job, so Hydra does not add its own report: user errors become one line and exit status 2."""
+
+    def wrapped(cfg: DictConfig):
+        from advtrain.engine.signals import Interrupted
+
+        try:
+            return task(cfg)
+        except Interrupted as e:
+            _exit(str(e), 128 + e.signum)
+        except USER_ERRORS as e:
+            if _debug():
+                raise
+            _exit(f"error: {e}", 2)
+
+    wrapped.__name__, wrapped.__doc__ = task.__name__, task.__doc__
+    return wrapped
+
+
+def _exit(message: str, status: int):
+    print(f"{Path(sys.argv[0]).name}: {message}", file=sys.stderr)
+    sys.exit(status)
+
+
+def _debug() -> bool:
+    return os.environ.get("ADVTRAIN_DEBUG") == "1"
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+@_one_line_errors
+def _train(cfg: DictConfig):
+    from advtrain.config import TRAIN_SECTIONS, check_config
+    from advtrain.engine.run import train
+
+    return train(check_config(cfg, TRAIN_SECTIONS), Path(HydraConfig.get().runtime.output_dir))
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="eval")
+@_one_line_errors
+def _evaluate(cfg: DictConfig):
+    from advtrain.engine.evaluate_checkpoint import evaluate_checkpoint
+
+    return evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+def _run(entry) -> None:
+    debug = _debug() or os.environ.get("HYDRA_FULL_ERROR") == "1"
+    # Composition errors then reach us instead of Hydra's multi-line report, so each becomes one line.
+    os.environ["HYDRA_FULL_ERROR"] = "1"
+    try:
+        entry()
+    except Exception as e:
+        message = describe_hydra_error(e)
+        if debug or message is None:
+            raise
+        _exit(f"error: {message}", 2)
+
+
+def train() -> None:
+    _run(_train)
+
+
+def evaluate() -> None:
+    _run(_evaluate)
+
+
+def report() -> None:
+    from advtrain.report import main
+
+    main(sys.argv[1:])

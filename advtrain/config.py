@@ -1,0 +1,281 @@
+"""Config checking: every composed config is checked here before any work starts.
+
+Hydra composes YAML; this module holds the schema each section must follow (dataclasses, one per section, the
+method's own from its plug-in) and turns every violation into one line that names the key and what is valid:
+an unknown key, a value of the wrong type, an eps or step size outside [0, 1]. Pixel quantities accept the form
+"8/255" and leave this module as floats, so the rest of the code reads plain numbers.
+"""
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
+
+from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
+
+
+class ConfigError(ValueError):
+    """A user-facing, one-line configuration error."""
+
+
+def pixel(default: Any = MISSING) -> Any:
+    """A field in [0,1] pixel units (eps, step sizes); accepts floats and strings like "8/255"."""
+    return field(default=default, metadata={"pixel": True})
+
+
+def parse_pixel(value: Any, key: str) -> float:
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected a number in [0, 1] pixel units, e.g. 0.3 or 8/255")
+    if isinstance(value, str):
+        num, sep, den = value.partition("/")
+        try:
+            number = float(num) / float(den) if sep else float(value)
+        except (ValueError, ZeroDivisionError):
+            raise ConfigError(f"{key}={value!r}: expected a number in [0, 1] pixel units, e.g. 0.3 or 8/255") from None
+    elif isinstance(value, (int, float)):
+        number = float(value)
+    else:
+        raise ConfigError(f"{key}={value!r}: expected a number in [0, 1] pixel units, e.g. 0.3 or 8/255")
+    if not (0.0 <= number <= 1.0) or math.isnan(number):
+        raise ConfigError(f"{key}={value!r} is outside the valid range [0, 1] (pixel units; e.g. 0.3 or 8/255)")
+    return number
+
+
+# --- section schemas -------------------------------------------------------------------------------------------
+@dataclass
+class DatasetConfig:
+    name: str = MISSING
+    root: str = "data"
+    download: bool = True
+    check_md5: bool = True
+    train_subset: Optional[int] = None      # use only the first N training examples
+    val_size: int = 0                        # training examples held out for validation (never the test set)
+    crop_padding: int = 0                    # pixels of zero padding for random crops (0 = no crop)
+    flip: bool = False
+    mean: list = field(default_factory=lambda: [0.0])
+    std: list = field(default_factory=lambda: [1.0])
+    eps: Any = pixel()                       # the threat model's radius for this dataset
+    pgd_alpha: Any = pixel()                 # the papers' PGD step size for this dataset
+    pgd_steps: int = 10                      # the papers' PGD step count for training attacks
+    # synthetic only
+    num_classes: Optional[int] = None
+    shape: Optional[list] = None             # [C, H, W]
+    n_train: Optional[int] = None
+    n_test: Optional[int] = None
+    noise: Optional[float] = None
+    # imagefolder only
+    image_size: Optional[int] = None
+    workers: Optional[int] = None
+
+
+@dataclass
+class ArchConfig:
+    name: str = MISSING
+    depth: Optional[int] = None
+    widen_factor: Optional[int] = None
+    dropout: float = 0.0
+
+
+@dataclass
+class OptimConfig:
+    name: str = MISSING                      # sgd | adam
+    lr: float = 0.1                          # peak learning rate
+    momentum: float = 0.9                    # sgd
+    nesterov: bool = False                   # sgd
+    weight_decay: float = 5e-4
+    betas: list = field(default_factory=lambda: [0.9, 0.999])  # adam
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = MISSING                      # constant | piecewise | cosine | cyclic
+    milestones: list = field(default_factory=lambda: [0.5, 0.75])  # piecewise: fractions of training
+    gamma: float = 0.1                       # piecewise: LR factor at each milestone
+    warmup: float = 0.0                      # fraction of training with a linear ramp from 0
+    peak_at: float = 0.4                     # cyclic: fraction of training where the triangle peaks
+    final_factor: float = 0.0                # cosine/cyclic: LR at the end, as a fraction of the peak
+
+
+@dataclass
+class TrainerConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    devices: int = 1
+    accelerator: str = "auto"                # auto | cpu | cuda
+    precision: str = "auto"                  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
+    channels_last: str = "auto"              # auto (on CUDA) | true | false
+    compile: bool = False
+    deterministic: bool = False
+    checkpoint_every: int = 1                # epochs between checkpoints; 0 = only at the end
+    nan_check_every: int = 50                # steps between finiteness checks of the loss (each one syncs)
+    progress: str = "auto"                   # auto (bar on a terminal, lines otherwise) | bar | lines | off
+    log_every_s: float = 30.0                # seconds between plain progress lines
+
+
+@dataclass
+class EvalConfig:
+    n: Optional[int] = None                  # test examples evaluated at the end (None = all)
+    batch_size: int = 500
+    every: int = 0                           # epochs between periodic evaluations (0 = only at the end)
+    every_n: int = 1000                      # examples in each periodic evaluation
+
+
+@dataclass
+class LoggerConfig:
+    name: str = MISSING                      # wandb | none
+    project: str = "advtrain"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list = field(default_factory=list)
+    run_name: Optional[str] = None
+    mode: str = "auto"                       # auto (offline without credentials) | online | offline | disabled
+
+
+@dataclass
+class AttackConfig:
+    type: str = MISSING                      # pgd | fgsm | cw | autoattack
+    eps: Any = pixel()
+    alpha: Any = pixel(None)                 # step size (pgd, cw)
+    steps: int = 0
+    restarts: int = 1
+    norm: str = "linf"
+    loss: str = "ce"
+    version: str = "standard"                # autoattack
+    seed: int = 0                            # autoattack
+    attacks: Optional[list] = None           # autoattack version=custom
+
+
+CHOICES = {
+    "trainer.accelerator": ("auto", "cpu", "cuda"),
+    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
+    "trainer.channels_last": ("auto", "true", "false"),
+    "trainer.progress": ("auto", "bar", "lines", "off"),
+    "optim.name": ("sgd", "adam"),
+    "schedule.name": ("constant", "piecewise", "cosine", "cyclic"),
+    "logger.name": ("wandb", "none"),
+    "logger.mode": ("auto", "online", "offline", "disabled"),
+    "dataset.name": ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic"),
+}
+POSITIVE = ("trainer.epochs", "trainer.batch_size", "trainer.devices", "eval.batch_size", "eval.every_n",
+            "trainer.nan_check_every", "optim.lr")
+NON_NEGATIVE = ("trainer.checkpoint_every", "eval.every", "dataset.val_size", "dataset.crop_padding",
+                "optim.weight_decay", "dataset.pgd_steps")
+
+
+# --- checking ---------------------------------------------------------------------------------------------------
+def _schema_keys(schema) -> list[str]:
+    return [f.name for f in fields(schema)]
+
+
+def _check_section(section: Any, schema, prefix: str) -> dict:
+    if not isinstance(section, dict):
+        raise ConfigError(f"{prefix}={section!r}: expected a config group (a mapping), not a single value")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(schema), section)
+        OmegaConf.to_container(merged, throw_on_missing=True)
+    except ConfigKeyError as e:
+        key = str(e.key) if e.key is not None else str(e.full_key)
+        raise ConfigError(_unknown_key(f"{prefix}.{key}", key, _schema_keys(schema))) from None
+    except OmegaConfBaseException as e:
+        msg = getattr(e, "msg", str(e)).splitlines()[0]
+        if "Missing mandatory value" in msg:
+            raise ConfigError(f"{prefix}.{e.full_key} is required but not set") from None
+        raise ConfigError(f"{prefix}.{e.full_key}: {msg}") from None
+    out = OmegaConf.to_container(merged)
+    for f in fields(schema):
+        if f.metadata.get("pixel") and out[f.name] is not None:
+            out[f.name] = parse_pixel(out[f.name], f"{prefix}.{f.name}")
+    return out
+
+
+def _unknown_key(full_key: str, key: str, valid: list[str]) -> str:
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return f"unknown config key '{full_key}'{hint}; valid keys there: {', '.join(sorted(valid))}"
+
+
+def _get(cfg: dict, dotted: str) -> Any:
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+TOP_LEVEL = {"dataset", "arch", "method", "attack", "optim", "schedule", "trainer", "eval", "logger",
+             "seed", "resume", "experiment", "checkpoint"}
+
+
+def check_config(cfg: DictConfig, sections: dict[str, type]) -> DictConfig:
+    """Check and normalise a composed config: returns a resolved copy with pixel values as floats.
+
+    `sections` maps each top-level section to its schema; `method` and `attack` are checked against the plug-ins'
+    own schemas. Raises ConfigError (one line) on the first problem.
+    """
+    try:
+        raw = OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as e:
+        raise ConfigError(f"config value {e.full_key} could not be resolved: {str(e).splitlines()[0]}") from None
+    unknown = sorted(set(raw) - TOP_LEVEL)
+    if unknown:
+        raise ConfigError(_unknown_key(unknown[0], unknown[0], sorted(TOP_LEVEL)))
+    out = dict(raw)
+    for name, schema in sections.items():
+        out[name] = _check_section(raw.get(name) or {}, schema, name)
+    if "method" in raw:
+        out["method"] = _check_method(raw["method"])
+    if "attack" in raw:
+        out["attack"] = _check_attacks(raw["attack"])
+    for key, valid in CHOICES.items():
+        if key.split(".")[0] in out:
+            value = str(_get(out, key)).lower()
+            if value not in valid:
+                raise ConfigError(f"{key}={_get(out, key)!r} is not valid; choose one of: {', '.join(valid)}")
+    for key in POSITIVE:
+        if key.split(".")[0] in out and not _get(out, key) > 0:
+            raise ConfigError(f"{key}={_get(out, key)!r} must be > 0")
+    for key in NON_NEGATIVE:
+        if key.split(".")[0] in out and _get(out, key) < 0:
+            raise ConfigError(f"{key}={_get(out, key)!r} must be >= 0")
+    if "seed" in out and not isinstance(out["seed"], int):
+        raise ConfigError(f"seed={out['seed']!r}: expected an integer")
+    if "trainer" in out and out["trainer"]["devices"] != 1:
+        raise ConfigError(f"trainer.devices={out['trainer']['devices']}: this version trains on 1 device; "
+                          "multi-device (DDP) training is not available yet")
+    return OmegaConf.create(out)
+
+
+def _check_method(section: Any) -> dict:
+    from advtrain.methods import METHODS
+
+    name = section.get("name") if isinstance(section, dict) else section
+    if name not in METHODS:
+        raise ConfigError(f"method={name!r} is not a known method; choose one of: {', '.join(sorted(METHODS))}")
+    return _check_section(section, METHODS[name].Config, "method")
+
+
+def _check_attacks(section: Any) -> dict:
+    if section is None:
+        return {}
+    if not isinstance(section, dict):
+        raise ConfigError(f"attack={section!r}: expected attack suite entries such as attack=[pgd20,autoattack]")
+    # Keep only the keys each entry sets: the attack engine checks them against what its type takes.
+    suite = {name: {k: v for k, v in _check_section(spec, AttackConfig, f"attack.{name}").items() if k in spec}
+             for name, spec in section.items()}
+    for name, spec in suite.items():
+        for key, valid in (("type", ATTACK_TYPES), ("norm", ("linf", "l2")), ("loss", ("ce", "cw"))):
+            if key in spec and spec[key] not in valid:
+                raise ConfigError(f"attack.{name}.{key}={spec[key]!r} is not valid; choose one of: {', '.join(valid)}")
+        if spec["type"] in ("pgd", "cw") and (spec.get("steps", 0) < 1 or spec.get("alpha") is None):
+            raise ConfigError(f"attack.{name}: a {spec['type']} attack needs steps >= 1 and an alpha (step size)")
+        if spec.get("restarts", 1) < 1:
+            raise ConfigError(f"attack.{name}.restarts={spec['restarts']} must be >= 1")
+    return suite
+
+
+ATTACK_TYPES = ("pgd", "fgsm", "cw", "autoattack")
+
+
+TRAIN_SECTIONS = {"dataset": DatasetConfig, "arch": ArchConfig, "optim": OptimConfig, "schedule": ScheduleConfig,
+                  "trainer": TrainerConfig, "eval": EvalConfig, "logger": LoggerConfig}

@@ -1,0 +1,1 @@
+"""Training loop, evaluation, checkpoints, timing and the run orchestration around them."""

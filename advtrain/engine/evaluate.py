@@ -1,0 +1,52 @@
+"""Evaluation: clean accuracy plus every attack of the suite, on the first n examples of an evaluation set.
+
+Evaluation runs in fp32 with BN in eval mode (the attack engine sees to it), so the numbers describe the deployed
+model. An example counts as robust under an attack only if it is also classified correctly without one, as AutoAttack
+and RobustBench count it. Methods whose model has several settings (OAT's lambda) are evaluated in each of them;
+their metric names carry the view's suffix.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from typing import Callable, Iterable, Mapping
+
+import torch
+from torch import nn
+
+from advtrain.attacks import build_attack
+
+
+def evaluate(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n: int | None, batch_size: int,
+             views: Iterable = (("", nullcontext()),), on_progress: Callable[[str], None] | None = None) -> dict:
+    attacks = {name: build_attack(name, spec) for name, spec in suite.items()}
+    was_training = model.training
+    model.eval()
+    results: dict = {}
+    total = 0
+    try:
+        for suffix, view in views:
+            with view:
+                counts = {"clean": 0, **{name: 0 for name in attacks}}
+                total = 0
+                start = time.perf_counter()
+                for x, y in evalset.batches(batch_size, n):
+                    with torch.no_grad():
+                        clean = model(x).argmax(1) == y
+                    counts["clean"] += int(clean.sum())
+                    for name, attack in attacks.items():
+                        counts[name] += int((attack(model, x, y) & clean).sum())
+                    total += len(y)
+                    if on_progress:
+                        accs = ", ".join(f"{k} {v / total:.4f}" for k, v in counts.items())
+                        on_progress(f"eval{suffix}: {total} examples, {accs} ({time.perf_counter() - start:.0f} s)")
+                for name, count in counts.items():
+                    results[f"{name}{suffix}"] = count / max(total, 1)
+    finally:
+        model.train(was_training)
+    return {"n": total, **results}
+
+
+def periodic_suite(suite: Mapping[str, Mapping]) -> dict:
+    """The attacks run during training: the suite without AutoAttack, whose cost belongs to the final evaluation."""
+    return {name: spec for name, spec in suite.items() if spec["type"] != "autoattack"}

@@ -1,0 +1,48 @@
+"""`advtrain-eval`: evaluate any saved checkpoint with any attack suite; writes the same results.json as training."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+from advtrain.attacks import PassCounter
+from advtrain.config import DatasetConfig, EvalConfig, TrainerConfig, check_config
+from advtrain.data import build_data
+from advtrain.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from advtrain.engine.evaluate import evaluate
+from advtrain.engine.loop import LoopState
+from advtrain.engine.precision import resolve_runtime
+from advtrain.engine.results import build_results, write_results
+from advtrain.logging import console as con
+
+
+def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
+    state = load_checkpoint(cfg.checkpoint)
+    saved = OmegaConf.create(state["config"])
+    overrides = {k: v for k, v in OmegaConf.to_container(cfg.dataset).items() if v is not None}
+    # Rebuild the suite against the checkpoint's dataset, so ${dataset.eps} means the threat model it was trained for.
+    combined = OmegaConf.create({
+        "dataset": OmegaConf.to_container(OmegaConf.merge(saved.dataset, overrides)),
+        "attack": OmegaConf.to_container(cfg.attack, resolve=False),
+        "eval": OmegaConf.to_container(cfg.eval), "trainer": OmegaConf.to_container(cfg.trainer), "seed": cfg.seed,
+    })
+    checked = check_config(combined, {"dataset": DatasetConfig, "eval": EvalConfig, "trainer": TrainerConfig})
+    rt = resolve_runtime(checked.trainer)
+    data = build_data(checked.dataset, device=rt.device, seed=saved.seed, batch_size=checked.eval.batch_size)
+    method, model = model_from_checkpoint(state)
+    model = model.to(rt.device).eval()
+    suite = OmegaConf.to_container(checked.attack)
+    con.console.print(f"evaluating {cfg.checkpoint} on {checked.eval.n or data.test.n_examples} test examples: "
+                      f"clean, {', '.join(suite) or 'no attacks'}")
+    scores = evaluate(model, data.test, suite, n=checked.eval.n, batch_size=checked.eval.batch_size,
+                      views=method.eval_views(model),
+                      on_progress=lambda line: con.console.print(line, markup=False))
+    loop = LoopState(**state["loop"])
+    counter = PassCounter()
+    counter.load_state_dict(state["counter"])
+    record = OmegaConf.merge(saved, {"dataset": checked.dataset})
+    results = build_results(record, loop, counter, data.train.n_examples, scores, rt, checkpoint=str(cfg.checkpoint))
+    write_results(results, run_dir / "results.json")
+    con.print_results(results)
+    con.console.print(f"results: {run_dir / 'results.json'}")
+    return results

@@ -1,0 +1,119 @@
+"""The one training loop. Methods plug in through advtrain.methods.base.Method; nothing here knows any method.
+
+Per epoch: the method's epoch_start, then for every minibatch the LR for the current training progress and the
+method's train_step under autocast; epoch_end (schedules, guards); then, outside the timed region, optional
+periodic evaluation, logging and the checkpoint. The hot loop never syncs with the device except where the
+display or the NaN check asks for numbers, both at a bounded rate.
+"""
+from __future__ import annotations
+
+import math
+import signal
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from advtrain.engine.context import TrainContext
+from advtrain.engine.optim import lr_factor, set_lr
+from advtrain.engine.signals import Interrupted, catch_signals
+from advtrain.engine.timing import Stopwatch
+
+
+class TrainingError(Exception):
+    """A user-facing, one-line failure of training itself (e.g. a NaN loss)."""
+
+
+@dataclass
+class LoopState:
+    """Where training stands; saved in checkpoints so a resumed run continues exactly."""
+    epoch: int = 0                   # the epoch to run next (or the one interrupted)
+    batch: int = 0                   # the batch of `epoch` to run next
+    train_time_s: float = 0.0
+    epoch_times_s: list = field(default_factory=list)
+    history: list = field(default_factory=list)  # one dict per finished epoch
+    finished: bool = False
+    stop_reason: str | None = None
+    partial_sums: dict = field(default_factory=dict)  # metric sums of an interrupted epoch's finished batches
+    partial_n: int = 0
+
+
+def run_epochs(ctx: TrainContext, method, loader, cfg, state: LoopState, *, progress,
+               save: Callable[[LoopState], str], on_epoch: Callable[[dict], None],
+               periodic_eval: Callable[[], dict] | None) -> LoopState:
+    """Train from `state` to the end. `save(state)` writes a checkpoint and returns its path."""
+    trainer = cfg.trainer
+    watch = Stopwatch(ctx.device, state.train_time_s)
+    with catch_signals(signal.SIGTERM, signal.SIGUSR1) as interrupted, progress:
+        for epoch in range(state.epoch, trainer.epochs):
+            ctx.epoch = epoch
+            progress.epoch(epoch, state.batch)
+            epoch_start_time = watch.elapsed
+            watch.start()
+            method.epoch_start(ctx)
+            sums = {k: torch.tensor(v, device=ctx.device) for k, v in state.partial_sums.items()}
+            n_seen = state.partial_n
+            for ctx.batch_idx, batch in enumerate(loader.epoch(epoch, state.batch), start=state.batch):
+                lr = set_lr(ctx.optimizer, cfg.optim.lr, lr_factor(cfg.schedule, ctx.progress))
+                with ctx.autocast():
+                    out = method.train_step(batch, ctx)
+                n = len(batch.y)
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + v.float() * n
+                n_seen += n
+                progress.step()
+                steps_done = ctx.batch_idx + 1 - state.batch
+                if steps_done % trainer.nan_check_every == 0:
+                    _check_finite(sums["loss"], epoch, ctx.batch_idx)
+                if progress.due():
+                    progress.show({**{k: float(v) / n_seen for k, v in sums.items()}, "lr": lr,
+                                   "img/s": n_seen / max(watch.peek() - epoch_start_time, 1e-9)})
+                if interrupted:
+                    watch.stop()
+                    state.batch, state.train_time_s = ctx.batch_idx + 1, watch.elapsed
+                    _check_finite(sums["loss"], epoch, ctx.batch_idx)
+                    state.partial_sums, state.partial_n = {k: float(v) for k, v in sums.items()}, n_seen
+                    raise Interrupted(interrupted.signum, save(state))
+            state.partial_sums, state.partial_n = {}, 0
+            metrics = {k: float(v) / max(n_seen, 1) for k, v in sums.items()}
+            if not math.isfinite(metrics.get("loss", 0.0)):
+                raise TrainingError(_nan_message(epoch, ctx.batch_idx))
+            extra = method.epoch_end(ctx, metrics)
+            epoch_time = watch.stop()
+            state.train_time_s = watch.elapsed
+            state.epoch_times_s.append(epoch_time)
+            record = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in metrics.items()},
+                      **{f"method/{k}": v for k, v in extra.items()},
+                      "lr": lr, "epoch_time_s": epoch_time, "train_time_s": state.train_time_s,
+                      "images_per_s": n_seen / max(epoch_time, 1e-9)}
+            if periodic_eval is not None and trainer_eval_due(cfg, epoch):
+                record.update({f"eval/{k}": v for k, v in periodic_eval().items()})
+            state.history.append(record)
+            state.epoch, state.batch = epoch + 1, 0
+            state.stop_reason = ctx.stop_reason
+            state.finished = state.epoch >= trainer.epochs or ctx.stop_reason is not None
+            on_epoch(record)
+            every = trainer.checkpoint_every
+            if state.finished or (every and state.epoch % every == 0):
+                save(state)
+            if interrupted:
+                raise Interrupted(interrupted.signum, save(state))
+            if ctx.stop_reason is not None:
+                progress.print(f"stopping early: {ctx.stop_reason}")
+                break
+    return state
+
+
+def trainer_eval_due(cfg, epoch: int) -> bool:
+    every = cfg.eval.every
+    return bool(every) and (epoch + 1) % every == 0 and epoch + 1 < cfg.trainer.epochs
+
+
+def _check_finite(loss_sum: torch.Tensor, epoch: int, batch: int) -> None:
+    if not torch.isfinite(loss_sum).item():
+        raise TrainingError(_nan_message(epoch, batch))
+
+
+def _nan_message(epoch: int, batch: int) -> str:
+    return (f"the training loss became NaN/inf in epoch {epoch + 1} (by batch {batch + 1}); no checkpoint was "
+            "written from it. Lower optim.lr, or use trainer.precision=fp32 or bf16 instead of fp16")

@@ -1,0 +1,63 @@
+"""results.json: the record of a run that scripts, `advtrain-report` and people read. Accuracies are fractions."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def versions() -> dict[str, str | None]:
+    import torchvision
+
+    import advtrain
+
+    return {"advtrain": advtrain.__version__, "git": _git_commit(), "torch": torch.__version__,
+            "torchvision": torchvision.__version__, "python": platform.python_version(),
+            "cuda": torch.version.cuda, "cudnn": str(torch.backends.cudnn.version())
+            if torch.backends.cudnn.is_available() else None}
+
+
+def _git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() if out.returncode == 0 else None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def build_results(cfg, state, counter, n_train: int, scores: dict, rt, checkpoint: str) -> dict[str, Any]:
+    examples = n_train * max(state.epoch, 1)
+    return {
+        "method": cfg.method.name, "dataset": cfg.dataset.name, "arch": cfg.arch.name,
+        "epochs": cfg.trainer.epochs, "epochs_run": state.epoch, "seed": cfg.seed,
+        "train_time_s": state.train_time_s, "epoch_times_s": list(state.epoch_times_s),
+        "images_per_s": examples / max(state.train_time_s, 1e-9),
+        "passes_per_example": counter.total / examples,
+        "eval": scores, "stop_reason": state.stop_reason,
+        "device": device_name(rt.device), "world_size": 1, "precision": rt.precision,
+        "batch_size": cfg.trainer.batch_size, "eps": cfg.dataset.eps, "checkpoint": checkpoint,
+        "versions": versions(), "history": list(state.history),
+    }
+
+
+def write_results(results: dict[str, Any], path: Path) -> None:
+    """Atomic, like checkpoints: a reader never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(results, f, indent=2)
+        f.write("\n")
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Console output (rich) and experiment tracking (Weights & Biases)."""

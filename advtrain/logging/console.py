@@ -1,0 +1,96 @@
+"""Console output: the resolved config, a progress display, and the results table.
+
+On a terminal the progress is a rich bar over batches with loss, accuracy, images per second and ETA; elsewhere
+(cluster logs, pipes) it is a plain line every `log_every_s` seconds, so logs stay readable and small.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from typing import Mapping
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.syntax import Syntax
+from rich.table import Table
+
+console = Console(highlight=False)
+
+
+def print_config(yaml_text: str) -> None:
+    if console.is_terminal:
+        console.print(Syntax(yaml_text, "yaml", background_color="default"))
+    else:
+        console.print(yaml_text, markup=False)
+
+
+def print_results(results: Mapping) -> None:
+    table = Table(title=f"{results['method']} on {results['dataset']} ({results['arch']})")
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in results["eval"].items():
+        table.add_row(name if name == "n" else f"{name} accuracy", f"{value}" if name == "n" else f"{value:.4f}")
+    table.add_row("train time", f"{results['train_time_s']:.1f} s")
+    table.add_row("images / s", f"{results['images_per_s']:.1f}")
+    table.add_row("passes / example", f"{results['passes_per_example']:.2f}")
+    console.print(table)
+
+
+class TrainProgress:
+    """Progress over one run: `epoch()` per epoch, `step()` per batch, `show()` when fresh metrics are known."""
+
+    def __init__(self, epochs: int, batches: int, mode: str = "auto", log_every_s: float = 30.0):
+        if mode == "auto":
+            mode = "bar" if console.is_terminal else "lines"
+        self.mode, self.epochs, self.batches, self.log_every_s = mode, epochs, batches, log_every_s
+        self._bar: Progress | None = None
+        self._task = None
+        self._last_line = time.perf_counter()
+        self._epoch = 0
+        self._done = 0
+
+    def __enter__(self):
+        if self.mode == "bar":
+            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[metrics]}"), TimeRemainingColumn(), console=console)
+            self._bar.__enter__()
+            self._task = self._bar.add_task("", total=self.batches, metrics="")
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self._epoch, self._done = epoch, start_batch
+        if self._bar is not None:
+            self._bar.reset(self._task, total=self.batches, completed=start_batch,
+                            description=f"epoch {epoch + 1}/{self.epochs}")
+
+    def step(self) -> None:
+        self._done += 1
+        if self._bar is not None:
+            self._bar.advance(self._task)
+
+    def due(self) -> bool:
+        """True when the display wants fresh metrics (costs the caller a device sync, so ask sparingly)."""
+        if self.mode == "bar":
+            return self._done % max(self.batches // 20, 1) == 0
+        return self.mode == "lines" and time.perf_counter() - self._last_line >= self.log_every_s
+
+    def show(self, metrics: Mapping[str, float]) -> None:
+        text = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        if self._bar is not None:
+            self._bar.update(self._task, metrics=text)
+        elif self.mode == "lines":
+            self._last_line = time.perf_counter()
+            self.print(f"epoch {self._epoch + 1}/{self.epochs} batch {self._done}/{self.batches}  {text}")
+
+    def print(self, line: str) -> None:
+        if self.mode == "off":
+            return
+        if self._bar is not None:
+            self._bar.console.print(line, markup=False)
+        else:
+            console.print(line, markup=False)
+            sys.stdout.flush()

@@ -1,0 +1,76 @@
+"""FGSM-RS, "Fast is better than free" (Wong, Rice & Kolter 2020, arXiv 2001.03994).
+
+Per batch: delta ~ U(-eps, eps); one input-gradient step of alpha = alpha_factor * eps (1.25 eps in the paper);
+one update on CE(f(x + delta)). Cost: 2 passes per example.
+
+Catastrophic-overfitting guard (the paper's code, `--early-stop`): after each epoch, PGD accuracy on a fixed
+training minibatch; when it falls by more than `guard_drop` below the previous epoch's, training stops and the
+weights of the last good epoch are restored. The guard's PGD uses alpha = 2.5 eps / guard_steps so it reaches
+the edge of the ball on any dataset (the paper's CIFAR setting, 5 steps of 2/255 at eps 8/255, is as strong).
+"""
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from advtrain.attacks import bn_mode, pgd
+from advtrain.config import pixel
+from advtrain.methods.base import Method, accuracy, copy_weights
+
+
+class FGSMRS(Method):
+    name = "fgsm_rs"
+
+    @dataclass
+    class Config:
+        name: str = "fgsm_rs"
+        eps: Any = pixel()
+        alpha_factor: float = 1.25   # FGSM step = alpha_factor * eps
+        bn: str = "train"            # the reference attacks in train mode
+        guard: bool = True           # catastrophic-overfitting guard
+        guard_n: int = 512           # examples in the fixed training minibatch
+        guard_steps: int = 5
+        guard_drop: float = 0.2      # stop when PGD accuracy falls by more than this (fraction)
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        self.prev_robust_acc = 0.0
+        self.good_weights: dict | None = None
+
+    def train_step(self, batch, ctx):
+        c = self.cfg
+        x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=c.eps, alpha=c.alpha_factor * c.eps, steps=1,
+                    start="uniform", bn=c.bn, counter=ctx.counter)
+        logits = ctx.model(x_adv)
+        loss = nn.functional.cross_entropy(logits, batch.y)
+        ctx.update(loss)
+        ctx.counter.add(len(batch.y), 1)
+        return {"loss": loss.detach(), "acc": accuracy(logits, batch.y)}
+
+    def epoch_end(self, ctx, metrics):
+        c = self.cfg
+        if not c.guard:
+            return {}
+        model = ctx.attack_model
+        x, y = ctx.fixed_batch(c.guard_n)
+        # Not counted in passes per example: like evaluation, the guard watches training (its time is counted).
+        x_adv = pgd(model, x, y, eps=c.eps, alpha=2.5 * c.eps / c.guard_steps, steps=c.guard_steps,
+                    start="uniform", bn="eval")
+        with torch.no_grad(), bn_mode(model, "eval"), ctx.autocast():
+            robust_acc = (model(x_adv).argmax(1) == y).float().mean().item()
+        if robust_acc - self.prev_robust_acc < -c.guard_drop and self.good_weights is not None:
+            model.load_state_dict(self.good_weights)
+            ctx.request_stop(f"catastrophic overfitting: guard PGD accuracy fell from {self.prev_robust_acc:.3f} "
+                             f"to {robust_acc:.3f}; restored the weights of the previous epoch")
+        else:
+            self.prev_robust_acc = robust_acc
+            self.good_weights = copy_weights(model)
+        return {"guard_pgd_acc": robust_acc}
+
+    def state_dict(self):
+        return {"prev_robust_acc": self.prev_robust_acc, "good_weights": self.good_weights}
+
+    def load_state_dict(self, state):
+        self.prev_robust_acc = float(state["prev_robust_acc"])
+        self.good_weights = state["good_weights"]

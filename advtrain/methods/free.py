@@ -1,0 +1,61 @@
+"""FREE-AT, "Adversarial training for free!" (Shafahi et al. 2019, arXiv 1904.12843).
+
+One perturbation buffer delta lives across minibatches (never reset). Each minibatch is replayed `replays` (m)
+times; every replay is ONE pass whose backward yields both the weight gradient (for the update) and the input
+gradient (for delta <- Proj(delta + eps * sign(grad_delta))). `trainer.epochs` counts passes over the data, so run
+T/m epochs to spend what T epochs of natural training cost. The LR schedule follows training progress, so its
+shape over the run is the paper's, whose schedule counts replays.
+Cost: m passes per example per epoch.
+
+The buffer is as large as a full batch; a smaller last batch uses its first rows. Replays go through the update's
+forward, so BN is in train mode while attacking (the method's definition, not a setting).
+"""
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from advtrain.config import pixel
+from advtrain.methods.base import Method, accuracy
+
+
+class FreeAT(Method):
+    name = "free"
+
+    @dataclass
+    class Config:
+        name: str = "free"
+        eps: Any = pixel()
+        replays: int = 8             # m: updates per minibatch
+        step: Any = pixel(None)      # delta step per replay; None = eps, as in the paper
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        self.delta: torch.Tensor | None = None
+
+    def train_step(self, batch, ctx):
+        x, y = batch.x, batch.y
+        n, eps = len(y), self.cfg.eps
+        step = eps if self.cfg.step is None else self.cfg.step
+        if self.delta is None or self.delta.shape[1:] != x.shape[1:] or len(self.delta) < n:
+            self.delta = torch.zeros_like(x)
+        totals = {"loss": torch.zeros((), device=x.device), "acc": torch.zeros((), device=x.device)}
+        for _ in range(self.cfg.replays):
+            delta = self.delta[:n].clone().requires_grad_(True)
+            logits = ctx.model((x + delta).clamp(0, 1))
+            loss = nn.functional.cross_entropy(logits, y)
+            (grad,) = ctx.update(loss, inputs=(delta,))
+            with torch.no_grad():
+                new = (delta + step * grad.sign()).clamp(-eps, eps)
+                self.delta[:n] = (x + new).clamp(0, 1) - x
+            totals["loss"] += loss.detach()
+            totals["acc"] += accuracy(logits, y)
+        ctx.counter.add(n, self.cfg.replays)
+        return {k: v / self.cfg.replays for k, v in totals.items()}
+
+    def state_dict(self):
+        return {"delta": self.delta}
+
+    def load_state_dict(self, state):
+        self.delta = state["delta"]

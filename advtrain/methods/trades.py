@@ -1,0 +1,60 @@
+"""TRADES (Zhang et al. 2019, arXiv 1901.08573): trade clean accuracy for smoothness inside the eps-ball.
+
+Attack (BN eval): x' = x + 0.001 N(0, I); `steps` times x' <- Proj(x' + eta sign(grad KL(p(x) || p(x')))), with
+p(x) computed once. Loss (BN train): CE(f(x), y) + beta KL(p(x) || p(x')), batch mean.
+Cost: steps attack passes + 1/3 (the clean forward for p(x)) + 2 (clean and adversarial halves of the update).
+"""
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from advtrain.attacks import bn_mode, pgd
+from advtrain.config import pixel
+from advtrain.methods.base import Method, accuracy
+
+
+class TRADES(Method):
+    name = "trades"
+
+    @dataclass
+    class Config:
+        name: str = "trades"
+        eps: Any = pixel()
+        alpha: Any = pixel()         # eta, the attack step size
+        steps: int = 10
+        beta: float = 6.0            # weight of the robustness (KL) term
+        init_std: float = 0.001      # std of the Gaussian start, pixel units
+        bn: str = "eval"
+
+    def __init__(self, cfg, info):
+        super().__init__(cfg, info)
+        self.steps = cfg.steps
+
+    def train_step(self, batch, ctx):
+        c, n = self.cfg, len(batch.y)
+        with torch.no_grad(), bn_mode(ctx.attack_model, c.bn):
+            p_clean = F.softmax(ctx.attack_model(batch.x).float(), dim=1)
+        ctx.counter.add(n, 1 / 3)
+        x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=c.eps, alpha=c.alpha, steps=self.steps, loss="kl",
+                    target=p_clean, start="normal" if self.steps > 0 else "none", bn=c.bn, counter=ctx.counter)
+        # Two forwards, as the reference code does: BN (train mode) normalises each half with its own statistics.
+        logits_clean, logits_adv = ctx.model(batch.x).float(), ctx.model(x_adv).float()
+        natural = F.cross_entropy(logits_clean, batch.y)
+        robust = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1), reduction="batchmean")
+        loss = natural + c.beta * robust
+        ctx.update(loss)
+        ctx.counter.add(n, 2)
+        return {"loss": loss.detach(), "acc": accuracy(logits_clean, batch.y),
+                "robust_kl": robust.detach()}
+
+    def epoch_end(self, ctx, metrics):
+        return {"attack_steps": float(self.steps)}
+
+    def state_dict(self):
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state):
+        self.steps = int(state["steps"])

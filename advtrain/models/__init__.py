@@ -1,0 +1,78 @@
+"""Image classifiers for adversarial training: one registry of architectures, each built into a `Classifier` that
+takes [0,1] pixels and normalizes them itself.
+
+    model = build_model("wrn34_10", num_classes=10, in_shape=(3, 32, 32),
+                        mean=(0.4914, 0.4822, 0.4465), std=(0.2471, 0.2435, 0.2616))
+
+A builder in ARCHS takes (in_shape, num_classes) plus the keyword-only options it understands (depth,
+widen_factor, dropout) and returns (body, head); build_model rejects any option the chosen builder does not take.
+"""
+
+import inspect
+from collections.abc import Callable, Sequence
+from functools import partial
+
+from torch import nn
+
+from .classifier import Classifier, Normalize, count_parameters, find_head, replace_modules, unwrap
+from .preact_resnet import preact_resnet
+from .resnet import resnet
+from .small_cnns import madry_cnn, mnist_net, trades_smallcnn
+from .wide_resnet import wide_resnet
+
+__all__ = [
+    "ARCHS", "Classifier", "Normalize", "build_model", "count_parameters", "find_head", "replace_modules", "unwrap",
+]
+
+ARCHS: dict[str, Callable[..., tuple[nn.Module, nn.Linear]]] = {
+    "madry_cnn": madry_cnn,
+    "mnist_net": mnist_net,
+    "trades_smallcnn": trades_smallcnn,
+    "preact_resnet18": partial(preact_resnet, depth=18),
+    "resnet18": partial(resnet, depth=18),
+    "resnet34": partial(resnet, depth=34),
+    "resnet50": partial(resnet, depth=50),
+    "wrn34_10": partial(wide_resnet, depth=34, widen_factor=10),
+    "wrn28_10": partial(wide_resnet, depth=28, widen_factor=10),
+    "wrn16_8": partial(wide_resnet, depth=16, widen_factor=8),
+}
+
+# build_model's option defaults; only options that differ from these are forwarded to (and checked against) a builder.
+_OPTION_DEFAULTS = {"depth": None, "widen_factor": None, "dropout": 0.0}
+
+
+def build_model(
+    name: str,
+    *,
+    num_classes: int,
+    in_shape: tuple[int, int, int],
+    mean: Sequence[float],
+    std: Sequence[float],
+    depth: int | None = None,
+    widen_factor: int | None = None,
+    dropout: float = 0.0,
+) -> Classifier:
+    """Build registry entry `name` for inputs of in_shape = (C, H, W); mean/std have C values or one to broadcast."""
+    if name not in ARCHS:
+        raise ValueError(f"unknown arch {name!r}; valid: {', '.join(ARCHS)}")
+    builder = ARCHS[name]
+    options = {"depth": depth, "widen_factor": widen_factor, "dropout": dropout}
+    options = {key: value for key, value in options.items() if value != _OPTION_DEFAULTS[key]}
+    accepted = [key for key in _OPTION_DEFAULTS if key in inspect.signature(builder).parameters]
+    for key, value in options.items():
+        if key not in accepted:
+            raise ValueError(f"arch {name!r} does not take {key}={value!r}; it takes: {', '.join(accepted) or 'none'}")
+
+    in_shape = tuple(int(size) for size in in_shape)
+    if len(in_shape) != 3 or min(in_shape) < 1:
+        raise ValueError(f"in_shape must be (C, H, W) with positive sizes, got {in_shape}")
+    normalize = Normalize(_per_channel("mean", mean, in_shape[0]), _per_channel("std", std, in_shape[0]))
+    body, head = builder(in_shape, num_classes, **options)
+    return Classifier(normalize, body, head, arch=name)
+
+
+def _per_channel(what: str, values: Sequence[float], channels: int) -> list[float]:
+    values = [float(v) for v in values]
+    if len(values) not in (1, channels):
+        raise ValueError(f"{what} has {len(values)} values; valid: 1 or {channels} (the input's channels)")
+    return values * (channels // len(values))

@@ -1,0 +1,37 @@
+"""Shared test helpers: composing configs in-process, running the CLI in a subprocess, locating real data."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("ADVTRAIN_DATA_SHARED", REPO.parent / "shared" / "data"))
+
+# Small, fast, deterministic settings for end-to-end runs on synthetic data.
+TINY = ["dataset=synthetic", "arch=mnist_net", "logger=none", "trainer.epochs=2", "trainer.batch_size=64",
+        "dataset.n_train=512", "dataset.n_test=128", "attack=[pgd20]", "trainer.progress=lines"]
+
+
+def compose_train(overrides: list[str]):
+    with initialize_config_module(config_module="advtrain.conf", version_base="1.3"):
+        return compose(config_name="train", overrides=overrides)
+
+
+def run_cli(args: list[str], cwd: Path, program: str = "advtrain", timeout: float = 300, env=None):
+    """Run an entry point as a user would; returns the CompletedProcess (text mode)."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    full_env.pop("HYDRA_FULL_ERROR", None)
+    full_env.pop("ADVTRAIN_DEBUG", None)
+    return subprocess.run([program, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+
+
+@pytest.fixture
+def mnist_root() -> Path:
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip(f"real MNIST not found under {SHARED_DATA}")
+    return SHARED_DATA

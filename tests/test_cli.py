@@ -1,0 +1,183 @@
+"""End to end: the `advtrain` and `advtrain-eval` commands in a subprocess, on tiny synthetic data."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import advtrain
+from conftest import TINY, run_cli
+from wandb_records import read_run
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    run_dir = tmp_path_factory.mktemp("run")
+    proc = run_cli([*TINY, "method=fgsm_rs", f"hydra.run.dir={run_dir}"], cwd=run_dir)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+def test_training_run_writes_results_and_a_loadable_checkpoint(trained):
+    results = json.loads((trained / "results.json").read_text())
+    for key in ("method", "dataset", "arch", "epochs", "seed", "train_time_s", "epoch_times_s", "images_per_s",
+                "passes_per_example", "eval", "device", "world_size", "precision", "versions"):
+        assert key in results, key
+    assert (results["method"], results["dataset"], results["arch"]) == ("fgsm_rs", "synthetic", "mnist_net")
+    assert len(results["epoch_times_s"]) == 2 and results["train_time_s"] == pytest.approx(sum(results["epoch_times_s"]))
+    assert results["eval"]["n"] == 128 and 0 <= results["eval"]["pgd20"] <= results["eval"]["clean"] <= 1
+    assert results["passes_per_example"] == pytest.approx(2.0)
+
+    # The checkpoint gives back the same network: its clean accuracy equals the one the run reported.
+    from advtrain.config import TRAIN_SECTIONS, check_config
+    from advtrain.data import build_data
+    from conftest import compose_train
+
+    model = advtrain.load_model(trained / "checkpoints" / "last.pt")
+    assert not model.training
+    cfg = check_config(compose_train(TINY), TRAIN_SECTIONS)
+    data = build_data(cfg.dataset, device=torch.device("cpu"), seed=0, batch_size=64)
+    with torch.no_grad():
+        correct = sum(int((model(x).argmax(1) == y).sum()) for x, y in data.test.batches(64))
+    assert correct / data.test.n_examples == pytest.approx(results["eval"]["clean"])
+
+
+def test_eval_command_writes_the_same_results_fields(trained, tmp_path):
+    proc = run_cli([f"checkpoint={trained / 'checkpoints' / 'last.pt'}", "attack=[fgsm,pgd20]", "eval.n=64",
+                    f"hydra.run.dir={tmp_path}"], cwd=tmp_path, program="advtrain-eval")
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    trained_results = json.loads((trained / "results.json").read_text())
+    assert results["eval"]["n"] == 64 and set(results["eval"]) == {"n", "clean", "fgsm", "pgd20"}
+    assert results["eval"]["pgd20"] <= results["eval"]["clean"]
+    assert results["train_time_s"] == pytest.approx(trained_results["train_time_s"])
+    assert (results["method"], results["epochs"]) == ("fgsm_rs", 2)
+
+
+def test_help_lists_groups_and_options(tmp_path):
+    proc = run_cli(["--help"], cwd=tmp_path)
+    assert proc.returncode == 0
+    for line in ("method: fgsm_rs, free, natural, pgd, trades", "attack: autoattack, cw, fgsm, pgd20, pgd50",
+                 "experiment: cifar10_fgsm_rs_wong2020"):
+        assert line in proc.stdout
+
+
+def _interrupt_after(args: list[str], cwd: Path, marker: str) -> subprocess.CompletedProcess:
+    """Start a run, send SIGTERM once `marker` appears on stdout, return what it printed and its status."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen(["advtrain", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    seen = []
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(signal.SIGTERM)
+            break
+        assert time.time() < deadline, "the run never printed " + marker
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + out, err)
+
+
+def _weights(path: Path) -> dict:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def test_sigterm_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path):
+    args = [*TINY, "method=pgd", "trainer.deterministic=true", "trainer.log_every_s=0", "trainer.epochs=3"]
+    straight = tmp_path / "straight"
+    proc = run_cli([*args, f"hydra.run.dir={straight}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+
+    resumed = tmp_path / "resumed"
+    interrupted = _interrupt_after([*args, f"hydra.run.dir={resumed}"], tmp_path, "epoch 2/3 batch 3/")
+    assert interrupted.returncode == 128 + signal.SIGTERM, interrupted.stderr
+    assert "resume=auto" in interrupted.stderr and "Traceback" not in interrupted.stderr
+    assert not (resumed / "results.json").exists()
+    ckpt = torch.load(resumed / "checkpoints" / "last.pt", weights_only=True)
+    # Written where it stopped (the signal lands a batch or two after the marker), before the end of training.
+    assert (1, 3) <= (ckpt["loop"]["epoch"], ckpt["loop"]["batch"]) and not ckpt["loop"]["finished"]
+    advtrain.load_model(resumed / "checkpoints" / "last.pt")
+
+    proc = run_cli([*args, f"hydra.run.dir={resumed}", "resume=auto"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed from" in proc.stdout
+    a, b = _weights(straight / "checkpoints" / "last.pt"), _weights(resumed / "checkpoints" / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ra = json.loads((straight / "results.json").read_text())
+    rb = json.loads((resumed / "results.json").read_text())
+    assert ra["eval"] == rb["eval"]
+    assert [h["train/loss"] for h in ra["history"]] == pytest.approx([h["train/loss"] for h in rb["history"]])
+
+
+def test_wandb_offline_run_holds_the_logged_metrics(tmp_path):
+    proc = run_cli([*[a for a in TINY if a != "logger=none"], "logger=wandb", "logger.mode=offline",
+                    "logger.project=advtrain-test", "logger.tags=[ci]", "method=natural",
+                    f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    run = read_run(files[0])
+    results = json.loads((tmp_path / "results.json").read_text())
+    losses = [row["train/loss"] for row in run["history"] if "train/loss" in row]
+    assert losses == pytest.approx([h["train/loss"] for h in results["history"]])
+    final = [row for row in run["history"] if "eval/pgd20" in row]
+    assert final and final[-1]["eval/pgd20"] == pytest.approx(results["eval"]["pgd20"])
+    assert final[-1]["train_time_s"] == pytest.approx(results["train_time_s"])
+    assert run["config"]["method"]["name"] == "natural" and run["config"]["trainer"]["epochs"] == 2
+    assert run["summary"]["final/clean"] == pytest.approx(results["eval"]["clean"])
+
+
+def _corrupt_mnist(root: Path) -> None:
+    raw = root / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    for name in ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte",
+                 "t10k-labels-idx1-ubyte"):
+        (raw / name).write_bytes(b"\x00\x00\x08\x03" + os.urandom(64))
+
+
+@pytest.mark.parametrize("case", ["unknown_key", "eps_range", "wrong_type", "unknown_option", "missing_data",
+                                  "corrupt_data", "nan_loss", "corrupt_checkpoint", "mismatched_checkpoint"])
+def test_bad_input_gives_one_clean_line(case, tmp_path, trained):
+    run_dir = tmp_path / "run"
+    base = TINY if "data" not in case else [a for a in TINY if not a.startswith(("dataset", "arch"))]
+    args, program = [*base, f"hydra.run.dir={run_dir}"], "advtrain"
+    expect = {
+        "unknown_key": (["trainer.epoch=3"], "unknown config key 'trainer.epoch' (did you mean 'epochs'?)"),
+        "eps_range": (["dataset.eps=12"], "dataset.eps=12 is outside the valid range [0, 1]"),
+        "wrong_type": (["trainer.batch_size=big"], "trainer.batch_size"),
+        "unknown_option": (["method=pgdd"], "pgdd"),
+        "missing_data": (["dataset=mnist", "arch=mnist_net", f"dataset.root={tmp_path}", "dataset.download=false"],
+                         "train-images-idx3-ubyte"),
+        "corrupt_data": (["dataset=mnist", "arch=mnist_net", f"dataset.root={tmp_path / 'bad'}", "dataset.download=false"],
+                         "train-images-idx3-ubyte"),
+        "nan_loss": (["optim=sgd", "optim.lr=1e30", "trainer.nan_check_every=1"], "NaN"),
+        "mismatched_checkpoint": (["arch=madry_cnn", f"resume={trained / 'checkpoints' / 'last.pt'}"],
+                                  "arch"),
+    }
+    if case == "corrupt_data":
+        _corrupt_mnist(tmp_path / "bad")
+    if case == "corrupt_checkpoint":
+        bad = tmp_path / "bad.pt"
+        bad.write_bytes((trained / "checkpoints" / "last.pt").read_bytes()[:5000])
+        args, program, fragment = [f"checkpoint={bad}", f"hydra.run.dir={run_dir}"], "advtrain-eval", "corrupt"
+    else:
+        extra, fragment = expect[case]
+        args = [*args, *extra]
+    proc = run_cli(args, cwd=tmp_path, program=program)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert fragment in lines[0] and "error" in lines[0]
+    assert not (run_dir / "results.json").exists()
+    assert not (run_dir / "checkpoints" / "last.pt").exists()

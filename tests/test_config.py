@@ -1,0 +1,98 @@
+"""Every config option composes and passes the checks; bad values fail with one line naming key and valid range."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from omegaconf import OmegaConf
+
+import advtrain
+from advtrain.config import TRAIN_SECTIONS, ConfigError, check_config, parse_pixel
+from advtrain.engine.optim import lr_factor
+from conftest import compose_train
+
+CONF = Path(advtrain.__file__).parent / "conf"
+GROUPS = ["dataset", "arch", "method", "attack", "optim", "schedule", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+
+
+def checked(overrides: list[str]):
+    return check_config(compose_train(overrides), TRAIN_SECTIONS)
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_group_option_composes_and_checks(group, option):
+    override = f"{group}=[{option}]" if group == "attack" else f"{group}={option}"
+    cfg = checked([override])
+    if group == "attack":
+        assert list(cfg.attack) == [option]
+    else:
+        assert cfg[group].name == option or group == "arch" and cfg.arch.name == option
+
+
+@pytest.mark.parametrize("preset", options("experiment"))
+def test_every_experiment_preset_composes_and_checks(preset):
+    cfg = checked([f"experiment={preset}"])
+    dataset = preset.split("_")[0]
+    assert cfg.dataset.name == dataset
+    assert 0 < cfg.dataset.eps <= 1 and cfg.trainer.epochs >= 1
+
+
+def test_wong_mnist_preset_matches_the_paper():
+    cfg = checked(["experiment=mnist_fgsm_rs_wong2020"])
+    assert (cfg.arch.name, cfg.method.name, cfg.optim.name, cfg.schedule.name) == ("mnist_net", "fgsm_rs", "adam",
+                                                                                   "cyclic")
+    assert cfg.method.alpha_factor * cfg.method.eps == pytest.approx(0.375)
+    assert (cfg.trainer.epochs, cfg.trainer.batch_size, cfg.optim.lr) == (10, 100, 5e-3)
+    assert cfg.attack.pgd50.steps == 50 and cfg.attack.pgd50.restarts == 10
+
+
+def test_pixel_values_accept_fractions_and_follow_the_dataset():
+    cfg = checked(["dataset=cifar10", "method=pgd"])
+    assert cfg.dataset.eps == pytest.approx(8 / 255)
+    assert cfg.method.eps == pytest.approx(8 / 255) and cfg.method.alpha == pytest.approx(2 / 255)
+    assert cfg.attack.pgd20.eps == pytest.approx(8 / 255)
+    cfg = checked(["dataset=mnist", "method=trades", "dataset.eps=0.2"])
+    assert cfg.method.eps == pytest.approx(0.2) and cfg.method.steps == 40
+    assert parse_pixel("16/255", "x") == pytest.approx(16 / 255)
+
+
+@pytest.mark.parametrize("overrides,fragment", [
+    (["dataset.eps=1.5"], "dataset.eps=1.5 is outside the valid range [0, 1]"),
+    (["dataset.eps=-8/255"], "outside the valid range [0, 1]"),
+    (["method.alpha=300/255"], "method.alpha='300/255' is outside the valid range [0, 1]"),
+    (["dataset.eps=abc"], "dataset.eps='abc': expected a number in [0, 1]"),
+    (["trainer.epochs=ten"], "trainer.epochs"),
+    (["trainer.epochs=0"], "trainer.epochs=0 must be > 0"),
+    (["trainer.precision=fp8"], "trainer.precision='fp8' is not valid; choose one of: auto, fp32, bf16, fp16"),
+    (["+trainer.epoch=3"], "unknown config key 'trainer.epoch' (did you mean 'epochs'?)"),
+    (["+method.stepz=3"], "unknown config key 'method.stepz' (did you mean 'steps'?)"),
+    (["+foo=1"], "unknown config key 'foo'"),
+    (["trainer.devices=2"], "trainer.devices=2"),
+])
+def test_bad_values_fail_with_one_line_naming_the_key(overrides, fragment):
+    with pytest.raises(ConfigError) as err:
+        checked(overrides)
+    assert fragment in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("name,points", [
+    ("piecewise", {0.0: 1.0, 0.49: 1.0, 0.5: 0.1, 0.8: 0.01}),
+    ("cosine", {0.0: 1.0, 0.5: 0.5, 1.0: 0.0}),
+    ("cyclic", {0.0: 0.0, 0.2: 0.5, 0.4: 1.0, 0.7: 0.5, 1.0: 0.0}),
+    ("constant", {0.0: 1.0, 0.9: 1.0}),
+])
+def test_lr_schedules_follow_training_progress(name, points):
+    cfg = checked([f"schedule={name}"]).schedule
+    for progress, factor in points.items():
+        assert lr_factor(cfg, progress) == pytest.approx(factor, abs=1e-9), progress
+
+
+def test_warmup_ramps_from_zero():
+    cfg = OmegaConf.create({"name": "cosine", "warmup": 0.1, "final_factor": 0.0})
+    assert lr_factor(cfg, 0.05) == pytest.approx(0.5)
+    assert lr_factor(cfg, 0.1) == pytest.approx(1.0)
