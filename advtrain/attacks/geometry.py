@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 NORMS = ('linf', 'l2')
-STARTS = ('uniform', 'normal', 'none')
+STARTS = ('uniform', 'uniform_raw', 'normal', 'none')
 
 
 def check_norm(norm: str) -> None:
@@ -44,6 +44,9 @@ def random_init(x: Tensor, eps: float, norm: str, kind: str, std: float = 1e-3) 
     """The attack's start point x + delta0, already projected.
 
     kind 'uniform': U(-eps, eps) per pixel (linf) or uniform in the l2 ball (random direction, radius eps·U^(1/d));
+    'uniform_raw': the same draw NOT clamped to the image box [0,1], as in Wong et al.'s MNIST code (the first
+    gradient is taken there; the step's projection brings the point back): on MNIST, whose pixels sit at 0 and 1,
+    clamping the start removes half the noise and FGSM-RS then overfits catastrophically (docs/methods.md);
     'normal': std·N(0, I), TRADES' start (std in pixel units); 'none': x itself.
     """
     check_norm(norm)
@@ -51,9 +54,9 @@ def random_init(x: Tensor, eps: float, norm: str, kind: str, std: float = 1e-3) 
         return x.clone()
     if kind == 'normal':
         delta = std * torch.randn_like(x)
-    elif kind == 'uniform' and norm == 'linf':
+    elif kind in ('uniform', 'uniform_raw') and norm == 'linf':
         delta = torch.empty_like(x).uniform_(-eps, eps)
-    elif kind == 'uniform':
+    elif kind in ('uniform', 'uniform_raw'):
         direction = torch.randn_like(x)
         direction = direction / _per_example(_l2(direction).clamp_min(1e-12), x)
         d = x[0].numel()
@@ -61,7 +64,7 @@ def random_init(x: Tensor, eps: float, norm: str, kind: str, std: float = 1e-3) 
         delta = direction * _per_example(radius, x)
     else:
         raise ValueError(f"unknown start {kind!r}; valid starts: {', '.join(STARTS)}")
-    return project(x + delta, x, eps, norm)
+    return x + delta if kind == 'uniform_raw' else project(x + delta, x, eps, norm)
 
 
 def ascent_direction(grad: Tensor, norm: str) -> Tensor:

@@ -57,7 +57,9 @@ def split_rows(n: int, train_subset: int | None, val_size: int, seed: int) -> tu
     if not 0 < n_used <= n:
         raise DataError(f"dataset.train_subset={train_subset} must be between 1 and the {n} training examples")
     if not 0 <= val_size < n_used:
-        raise DataError(f"dataset.val_size={val_size} must be at least 0 and leave some of the {n_used} training examples")
+        raise DataError(
+            f"dataset.val_size={val_size} must be at least 0 and leave some of the {n_used} training examples"
+        )
     permutation = np.random.default_rng([seed, _SPLIT_STREAM]).permutation(n_used)
     return np.sort(permutation[val_size:]), np.sort(permutation[:val_size])
 
@@ -77,7 +79,8 @@ def build_data(cfg, *, device: torch.device, seed: int, batch_size: int) -> Data
         read, num_classes = _READERS[cfg.name]
         train_x, train_y, test_x, test_y = read(Path(cfg.root).expanduser(), download=cfg.download, check=cfg.check_md5)
     else:
-        raise DataError(f"unknown dataset.name={cfg.name!r}; choose one of {', '.join([*_READERS, 'imagefolder', 'synthetic'])}")
+        names = ", ".join([*_READERS, "imagefolder", "synthetic"])
+        raise DataError(f"unknown dataset.name={cfg.name!r}; choose one of {names}")
 
     train_rows, val_rows = split_rows(len(train_y), cfg.train_subset, cfg.val_size, seed)
     info = _info(cfg, num_classes, tuple(train_x.shape[1:]), len(train_rows), len(val_rows), len(test_y))

@@ -45,7 +45,7 @@ def read_batch(path: Path, label_key: str, num_classes: int) -> tuple[np.ndarray
         with open(path, "rb") as f:
             # latin1 turns Python 2 strings into str and leaves numpy's raw array bytes intact (as torchvision does).
             batch = _RestrictedUnpickler(f, encoding="latin1").load()
-    except Exception as e:  # noqa: BLE001 - any failure to parse means a corrupt file; nothing unsafe ran
+    except Exception as e:  # any failure to parse means a corrupt file; nothing unsafe ran
         raise DataError(f"{path}: cannot unpickle ({type(e).__name__}: {e})") from e
     if not isinstance(batch, dict):
         raise DataError(f"{path}: expected a pickled dict, found {type(batch).__name__}")
@@ -69,8 +69,10 @@ def read_cifar(name: str, root: Path, *, download: bool, check: bool) -> tuple[n
     """(train_x (N,3,32,32) uint8, train_y int64, test_x, test_y) for name in {cifar10, cifar100}."""
     tv, label_key, num_classes = _VARIANTS[name]
     folder = root / tv.base_folder
-    files = {split: [(folder / filename, md5) for filename, md5 in lst] for split, lst in
-             (("train", tv.train_list), ("test", tv.test_list))}
+    files = {
+        "train": [(folder / filename, md5) for filename, md5 in tv.train_list],
+        "test": [(folder / filename, md5) for filename, md5 in tv.test_list],
+    }
     every = files["train"] + files["test"]
     if download and not all(path.is_file() for path, _ in every):
         fetch(name, root, tv.url, lambda: download_archive(tv.url, root, tv.filename, tv.tgz_md5))

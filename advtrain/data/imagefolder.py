@@ -97,17 +97,17 @@ def _on_device(batches, device: torch.device):
 
 
 class FolderTrainLoader:
-    """Streams the training images with workers; Batch.crop and Batch.flip are None (the crops happen on the CPU)."""
+    """Streams the training images with workers; Batch.crop and Batch.flip are None (the workers crop and flip each
+    image on its own, at its own size, before batching)."""
 
     def __init__(self, samples, *, image_size: int, flip: bool, batch_size: int, workers: int, device, seed: int):
         self.n_examples = len(samples)
         self.batch_size, self.device, self.seed = batch_size, device, seed
         self._epoch = -1
         self._order = _Order()
-        self._dataset = _Images(samples, train_transform(image_size, flip))
         self._eval_dataset = _Images(samples, eval_transform(image_size))
         self._loader = DataLoader(
-            self._dataset,
+            _Images(samples, train_transform(image_size, flip)),
             batch_size=batch_size,
             sampler=self._order,
             num_workers=workers,
@@ -147,6 +147,8 @@ class FolderEvalSet:
 
     def batches(self, batch_size: int, n: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
         images = _Images(self.samples[:n], eval_transform(self.image_size))
-        loader = DataLoader(images, batch_size=batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda")
+        loader = DataLoader(
+            images, batch_size=batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda"
+        )
         for x, y, _ in _on_device(loader, self.device):
             yield x, y

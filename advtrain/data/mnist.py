@@ -49,7 +49,9 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     dims = struct.unpack(f">{ndim}I", buf[4:start])
     expected = int(np.prod(dims))
     if len(buf) - start != expected:
-        raise DataError(f"{path}: truncated or padded: header {dims} needs {expected} bytes of data, found {len(buf) - start}")
+        raise DataError(
+            f"{path}: truncated or padded: header {dims} needs {expected} bytes of data, found {len(buf) - start}"
+        )
     return np.frombuffer(buf, np.uint8, offset=start).reshape(dims).copy()  # copy: frombuffer of bytes is read-only
 
 

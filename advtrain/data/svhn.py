@@ -25,7 +25,7 @@ def read_mat(path: Path) -> tuple[np.ndarray, np.ndarray]:
     loadmat = _loadmat()
     try:
         mat = loadmat(path, variable_names=("X", "y"))
-    except Exception as e:  # noqa: BLE001 - scipy raises many types for damaged files; all mean the same here
+    except Exception as e:  # scipy raises many types for damaged files; all mean the same here
         raise DataError(f"{path}: cannot read the .mat file ({type(e).__name__}: {e})") from e
     images, labels = mat.get("X"), mat.get("y")
     if images is None or images.dtype != np.uint8 or images.ndim != 4 or images.shape[:3] != (32, 32, 3):

@@ -1,7 +1,8 @@
 """FGSM-RS, "Fast is better than free" (Wong, Rice & Kolter 2020, arXiv 2001.03994).
 
 Per batch: delta ~ U(-eps, eps); one input-gradient step of alpha = alpha_factor * eps (1.25 eps in the paper);
-one update on CE(f(x + delta)). Cost: 2 passes per example.
+one update on CE(f(x + delta)). Cost: 2 passes per example. The random start is not clamped to the image box
+before the gradient step, as in the paper's MNIST code; `start=uniform` clamps it, as its CIFAR code does.
 
 Catastrophic-overfitting guard (the paper's code, `--early-stop`): after each epoch, PGD accuracy on a fixed
 training minibatch; when it falls by more than `guard_drop` below the previous epoch's, training stops and the
@@ -27,6 +28,7 @@ class FGSMRS(Method):
         name: str = "fgsm_rs"
         eps: Any = pixel()
         alpha_factor: float = 1.25   # FGSM step = alpha_factor * eps
+        start: str = "uniform_raw"   # uniform_raw (Wong's MNIST code: start not clamped to [0,1]) | uniform (CIFAR code)
         bn: str = "train"            # the reference attacks in train mode
         guard: bool = True           # catastrophic-overfitting guard
         guard_n: int = 512           # examples in the fixed training minibatch
@@ -41,7 +43,7 @@ class FGSMRS(Method):
     def train_step(self, batch, ctx):
         c = self.cfg
         x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=c.eps, alpha=c.alpha_factor * c.eps, steps=1,
-                    start="uniform", bn=c.bn, counter=ctx.counter)
+                    start=c.start, bn=c.bn, counter=ctx.counter)
         logits = ctx.model(x_adv)
         loss = nn.functional.cross_entropy(logits, batch.y)
         ctx.update(loss)

@@ -1,0 +1,28 @@
+"""Real MNIST (skipped without ../shared/data): FGSM-RS is far more robust than natural training."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from advtrain.config import TRAIN_SECTIONS, check_config
+from advtrain.engine.run import train
+from conftest import compose_train
+
+pytestmark = pytest.mark.slow
+
+
+def run(tmp_path, root, method):
+    torch.set_num_threads(1)
+    cfg = check_config(compose_train([
+        "experiment=mnist_fgsm_rs_wong2020", f"method={method}", f"dataset.root={root}", "logger=none",
+        "dataset.train_subset=10000", "trainer.epochs=4", "eval.n=500", "attack=[pgd20]",
+        "trainer.progress=off"]), TRAIN_SECTIONS)
+    return train(cfg, tmp_path)
+
+
+def test_fgsm_rs_is_far_more_robust_than_natural_training(tmp_path, mnist_root):
+    natural = run(tmp_path / "natural", mnist_root, "natural")
+    fgsm_rs = run(tmp_path / "fgsm_rs", mnist_root, "fgsm_rs")
+    assert natural["eval"]["clean"] > 0.9 and fgsm_rs["eval"]["clean"] > 0.9
+    assert natural["eval"]["pgd20"] < 0.1
+    assert fgsm_rs["eval"]["pgd20"] > natural["eval"]["pgd20"] + 0.5, (natural["eval"], fgsm_rs["eval"])
