@@ -113,6 +113,9 @@ def _build_imagefolder(cfg, device: torch.device, seed: int, batch_size: int) ->
 def _info(cfg, num_classes: int, shape: tuple[int, int, int], n_train: int, n_val: int, n_test: int) -> DatasetInfo:
     mean, std = tuple(float(v) for v in cfg.mean), tuple(float(v) for v in cfg.std)
     for key, values in (("mean", mean), ("std", std)):
-        if len(values) != shape[0]:
-            raise DataError(f"dataset.{key} has {len(values)} values but {cfg.name} images have {shape[0]} channels")
+        if len(values) not in (1, shape[0]):
+            raise DataError(f"dataset.{key} has {len(values)} values but {cfg.name} images have {shape[0]} channels "
+                            "(give one value per channel, or one for all)")
+    # One value stands for every channel.
+    mean, std = (mean * shape[0] if len(mean) == 1 else mean), (std * shape[0] if len(std) == 1 else std)
     return DatasetInfo(cfg.name, num_classes, shape, mean, std, n_train, n_val, n_test)

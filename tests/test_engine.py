@@ -1,0 +1,159 @@
+"""Engine pieces: atomic and safe checkpoints, FGSM-RS's guard, FREE's persistent delta, precisions, data paths."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from advtrain.attacks import PassCounter
+from advtrain.config import TRAIN_SECTIONS, check_config
+from advtrain.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from advtrain.engine.context import TrainContext
+from advtrain.engine.run import train
+from advtrain.methods import build_method
+from conftest import compose_train
+from test_data import write_cifar10
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "last.pt"
+    save_checkpoint({"model": {"w": torch.ones(3)}}, path)
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise KeyboardInterrupt  # the process dies mid-write
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint({"model": {"w": torch.zeros(3)}}, path)
+    assert torch.equal(load_checkpoint(path)["model"]["w"], torch.ones(3))
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]  # no temporary file left behind
+
+
+class _Payload:
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_a_checkpoint_never_executes_code(tmp_path):
+    marker = tmp_path / "pwned"
+    _Payload.marker = marker
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": 1, "model": _Payload()}, evil)
+    with pytest.raises(CheckpointError, match="cannot be read safely"):
+        load_checkpoint(evil)
+    assert not marker.exists()
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
+
+
+def _ctx(model, batch) -> TrainContext:
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    return TrainContext(model=model, attack_model=model, optimizer=optimizer, scaler=None, counter=PassCounter(),
+                        device=CPU, autocast=_no_autocast, epochs=1,
+                        batches_per_epoch=1, fixed_batch=lambda n: batch)
+
+
+def _no_autocast():
+    return torch.autocast("cpu", enabled=False)
+
+
+def test_fgsm_rs_guard_restores_the_last_good_weights_on_collapse():
+    # Images that are all 0.2 or all 0.8: a model that thresholds the mean is robust at eps 0.1.
+    y = torch.arange(64) % 2
+    x = (0.2 + 0.6 * y.float()).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
+    with torch.no_grad():
+        model[1].weight.copy_(torch.tensor([[-1.0] * 16, [1.0] * 16]))
+        model[1].bias.copy_(torch.tensor([8.0, -8.0]))  # class 1 iff the mean pixel exceeds 0.5
+    cfg = check_config(compose_train(["method=fgsm_rs", "dataset=synthetic"]), TRAIN_SECTIONS).method
+    method = build_method(cfg, None)
+    ctx = _ctx(model, (x, y))
+    assert method.epoch_end(ctx, {})["guard_pgd_acc"] == 1.0 and ctx.stop_reason is None
+    good = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():  # collapse: the model now answers class 0 whatever it sees
+        model[1].weight.zero_()
+        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
+    assert method.epoch_end(ctx, {})["guard_pgd_acc"] == 0.5
+    assert "catastrophic overfitting" in ctx.stop_reason
+    assert all(torch.equal(v, good[k]) for k, v in model.state_dict().items())
+
+
+def test_free_keeps_delta_across_minibatches_inside_the_ball():
+    from advtrain.data import Batch
+
+    cfg = check_config(compose_train(["method=free", "dataset=synthetic", "method.replays=3"]), TRAIN_SECTIONS)
+    method = build_method(cfg.method, None)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
+    ctx = _ctx(model, None)
+    eps = cfg.method.eps
+    deltas = []
+    for step in range(3):
+        x, y = torch.rand(8, 1, 4, 4), torch.randint(0, 3, (8,))
+        n = 8 if step < 2 else 5  # a short last batch uses the buffer's first rows
+        method.train_step(Batch(x[:n], y[:n], torch.arange(n), None, None), ctx)
+        deltas.append(method.delta.clone())
+        assert method.delta.abs().max() <= eps + 1e-7
+        assert ((x[:n] + method.delta[:n]) >= 0).all() and ((x[:n] + method.delta[:n]) <= 1).all()
+    assert ctx.updates == 9 and ctx.counter.total == 3 * (8 + 8 + 5)
+    assert deltas[0].abs().sum() > 0 and not torch.equal(deltas[0], deltas[1])
+    assert torch.equal(deltas[2][5:], deltas[1][5:])  # rows a short batch did not use are kept for the next one
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_trains(tmp_path, precision):
+    cfg = check_config(compose_train([
+        "dataset=synthetic", "arch=mnist_net", "dataset.n_train=512",  # CPU fp16 convolutions are slow: keep it small
+        "dataset.n_test=64", "method=pgd", "method.steps=2", "logger=none", "trainer.epochs=2",
+        f"trainer.precision={precision}", "trainer.progress=off", "attack=[fgsm]", "optim=adam",
+        "optim.lr=1e-3", "schedule=constant"]), TRAIN_SECTIONS)
+    results = train(cfg, tmp_path)
+    assert results["precision"] == precision
+    assert results["history"][1]["train/loss"] < results["history"][0]["train/loss"]
+    if precision == "fp16":
+        assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["scaler"]["scale"] > 0
+
+
+def test_cifar10_files_train_end_to_end(tmp_path):
+    write_cifar10(tmp_path / "data")
+    cfg = check_config(compose_train([
+        "dataset=cifar10", f"dataset.root={tmp_path / 'data'}", "dataset.check_md5=false", "dataset.download=false",
+        "arch=preact_resnet18", "method=pgd", "method.steps=1", "logger=none", "trainer.epochs=1",
+        "trainer.batch_size=8", "trainer.progress=off", "attack=[pgd20]"]), TRAIN_SECTIONS)
+    results = train(cfg, tmp_path / "run")
+    assert results["dataset"] == "cifar10" and results["eval"]["n"] == 3
+    assert results["passes_per_example"] == pytest.approx(2.0)
+
+
+def test_imagefolder_trains_and_validation_split_is_monitored(tmp_path):
+    for split, n in (("train", 12), ("val", 4)):
+        for label in ("cat", "dog"):
+            folder = tmp_path / "images" / split / label
+            folder.mkdir(parents=True)
+            for i in range(n):
+                shade = 40 if label == "cat" else 200
+                Image.new("RGB", (40, 40), (shade + i, shade, shade)).save(folder / f"{i}.png")
+    cfg = check_config(compose_train([
+        "dataset=imagefolder", f"dataset.root={tmp_path / 'images'}", "dataset.image_size=32", "dataset.workers=0",
+        "dataset.val_size=4", "arch=resnet18", "method=natural", "logger=none", "trainer.epochs=2",
+        "trainer.batch_size=8", "trainer.progress=off", "attack=[fgsm]", "eval.every=1", "eval.every_n=4"]),
+        TRAIN_SECTIONS)
+    results = train(cfg, tmp_path / "run")
+    assert results["eval"]["n"] == 8 and set(results["eval"]) == {"n", "clean", "fgsm"}
+    monitored = results["history"][0]
+    assert "eval/clean" in monitored and "eval/fgsm" in monitored and monitored["eval/n"] == 4
