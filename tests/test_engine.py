@@ -157,3 +157,5 @@ def test_imagefolder_trains_and_validation_split_is_monitored(tmp_path):
     assert results["eval"]["n"] == 8 and set(results["eval"]) == {"n", "clean", "fgsm"}
     monitored = results["history"][0]
     assert "eval/clean" in monitored and "eval/fgsm" in monitored and monitored["eval/n"] == 4
+    best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")  # selected on the validation split
+    assert best["loop"]["best_val_score"] == monitored["eval/fgsm"] and best["loop"]["epoch"] == 1

@@ -36,6 +36,7 @@ class LoopState:
     stop_reason: str | None = None
     partial_sums: dict = field(default_factory=dict)  # metric sums of an interrupted epoch's finished batches
     partial_n: int = 0
+    best_val_score: float | None = None  # robust accuracy of checkpoints/best.pt on the validation split
 
 
 def run_epochs(ctx: TrainContext, method, loader, cfg, state: LoopState, *, progress,
@@ -86,12 +87,12 @@ def run_epochs(ctx: TrainContext, method, loader, cfg, state: LoopState, *, prog
                       **{f"method/{k}": v for k, v in extra.items()},
                       "lr": lr, "epoch_time_s": epoch_time, "train_time_s": state.train_time_s,
                       "images_per_s": n_seen / max(epoch_time, 1e-9)}
-            if periodic_eval is not None and trainer_eval_due(cfg, epoch):
-                record.update({f"eval/{k}": v for k, v in periodic_eval().items()})
-            state.history.append(record)
             state.epoch, state.batch = epoch + 1, 0
             state.stop_reason = ctx.stop_reason
             state.finished = state.epoch >= trainer.epochs or ctx.stop_reason is not None
+            if periodic_eval is not None and trainer_eval_due(cfg, epoch):
+                record.update({f"eval/{k}": v for k, v in periodic_eval().items()})
+            state.history.append(record)
             on_epoch(record)
             every = trainer.checkpoint_every
             if state.finished or (every and state.epoch % every == 0):

@@ -61,22 +61,29 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
 
     config_yaml = OmegaConf.to_yaml(cfg)
 
-    def save(loop_state: LoopState) -> str:
+    def save(loop_state: LoopState, path: Path = ckpt_path) -> str:
         save_checkpoint({
             "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
             "method": method.state_dict(), "loader": data.train.state_dict(), "rng": rng_state(),
             "counter": counter.state_dict(), "updates": ctx.updates, "loop": vars(loop_state).copy(),
             "config": config_yaml, "model_spec": spec,
-        }, ckpt_path)
-        return str(ckpt_path)
+        }, path)
+        return str(path)
 
     monitor_set = data.val if data.val is not None else data.test
     suite = OmegaConf.to_container(cfg.attack) if cfg.get("attack") else {}
 
     def periodic_eval() -> dict:
-        return evaluate(ctx.attack_model, monitor_set, periodic_suite(suite), n=cfg.eval.every_n,
-                        batch_size=cfg.eval.batch_size, views=method.eval_views(model))
+        scores = evaluate(ctx.attack_model, monitor_set, periodic_suite(suite), n=cfg.eval.every_n,
+                          batch_size=cfg.eval.batch_size, views=method.eval_views(model))
+        # Model selection on the held-out split only (never on the test set): keep the most robust weights.
+        if data.val is not None:
+            score = scores[next((k for k in scores if k not in ("n", "clean")), "clean")]
+            if state.best_val_score is None or score > state.best_val_score:
+                state.best_val_score = score
+                save(state, ckpt_path.with_name("best.pt"))
+        return scores
 
     logger = build_logger(cfg.logger, OmegaConf.to_container(cfg), run_dir)
     exit_code = 1
