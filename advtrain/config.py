@@ -252,7 +252,14 @@ def _check_method(section: Any) -> dict:
     name = section.get("name") if isinstance(section, dict) else section
     if name not in METHODS:
         raise ConfigError(f"method={name!r} is not a known method; choose one of: {', '.join(sorted(METHODS))}")
-    return _check_section(section, METHODS[name].Config, "method")
+    out = _check_section(section, METHODS[name].Config, "method")
+    for key, valid in METHOD_CHOICES.items():
+        if key in out and out[key] not in valid:
+            raise ConfigError(f"method.{key}={out[key]!r} is not valid; choose one of: {', '.join(valid)}")
+    return out
+
+
+METHOD_CHOICES = {"bn": ("eval", "train", "keep"), "start": ("uniform", "uniform_raw", "none")}
 
 
 def _check_attacks(section: Any) -> dict:

@@ -72,6 +72,8 @@ def test_pixel_values_accept_fractions_and_follow_the_dataset():
     (["+method.stepz=3"], "unknown config key 'method.stepz' (did you mean 'steps'?)"),
     (["+foo=1"], "unknown config key 'foo'"),
     (["trainer.devices=2"], "trainer.devices=2"),
+    (["method.bn=frozen"], "method.bn='frozen' is not valid; choose one of: eval, train, keep"),
+    (["attack=[pgd20]", "attack.pgd20.norm=l3"], "attack.pgd20.norm='l3' is not valid; choose one of: linf, l2"),
 ])
 def test_bad_values_fail_with_one_line_naming_the_key(overrides, fragment):
     with pytest.raises(ConfigError) as err:

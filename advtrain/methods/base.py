@@ -53,11 +53,7 @@ class Method:
         Must include "loss"; "acc" (accuracy on the inputs the update trained on) is shown on the progress bar.
         Never call .item() here: the loop syncs with the device only at log intervals.
         """
-        logits = ctx.model(batch.x)
-        loss = nn.functional.cross_entropy(logits, batch.y)
-        ctx.update(loss)
-        ctx.counter.add(len(batch.y), 1)
-        return {"loss": loss.detach(), "acc": accuracy(logits, batch.y)}
+        return cross_entropy_update(ctx, batch.x, batch.y)
 
     def epoch_start(self, ctx: TrainContext) -> None:
         """Called before each epoch's first batch."""
@@ -78,13 +74,35 @@ class Method:
         pass
 
 
+class StepsMethod(Method):
+    """A method with a K-step attack per batch. K is state, not config: a schedule (DEAT's magnitude rule) may change
+    it between epochs, checkpoints carry it, and every epoch logs it."""
+
+    def __init__(self, cfg: Any, info: DatasetInfo):
+        super().__init__(cfg, info)
+        self.steps = cfg.steps
+
+    def epoch_end(self, ctx: TrainContext, metrics: dict[str, float]) -> dict[str, float]:
+        return {"attack_steps": float(self.steps)}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"steps": self.steps}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.steps = int(state["steps"])
+
+
+def cross_entropy_update(ctx: TrainContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+    """One update on CE(f(x), y), counted as one pass per example: the last step of most methods."""
+    logits = ctx.model(x)
+    loss = nn.functional.cross_entropy(logits, y)
+    ctx.update(loss)
+    ctx.counter.add(len(y), 1)
+    return {"loss": loss.detach(), "acc": accuracy(logits, y)}
+
+
 def accuracy(logits: Tensor, y: Tensor) -> Tensor:
     return (logits.argmax(1) == y).float().mean().detach()
-
-
-def pixel_delta(x_adv: Tensor, x: Tensor) -> Tensor:
-    """The perturbation as a detached tensor (for methods that keep it between steps)."""
-    return (x_adv - x).detach()
 
 
 @torch.no_grad()

@@ -13,11 +13,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from advtrain.attacks import bn_mode, pgd
 from advtrain.config import pixel
-from advtrain.methods.base import Method, accuracy, copy_weights
+from advtrain.methods.base import Method, copy_weights, cross_entropy_update
 
 
 class FGSMRS(Method):
@@ -44,11 +43,7 @@ class FGSMRS(Method):
         c = self.cfg
         x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=c.eps, alpha=c.alpha_factor * c.eps, steps=1,
                     start=c.start, bn=c.bn, counter=ctx.counter)
-        logits = ctx.model(x_adv)
-        loss = nn.functional.cross_entropy(logits, batch.y)
-        ctx.update(loss)
-        ctx.counter.add(len(batch.y), 1)
-        return {"loss": loss.detach(), "acc": accuracy(logits, batch.y)}
+        return cross_entropy_update(ctx, x_adv, batch.y)
 
     def epoch_end(self, ctx, metrics):
         c = self.cfg

@@ -7,14 +7,12 @@ Cost: steps + 1 passes per example.
 from dataclasses import dataclass
 from typing import Any
 
-from torch import nn
-
 from advtrain.attacks import pgd
 from advtrain.config import pixel
-from advtrain.methods.base import Method, accuracy
+from advtrain.methods.base import StepsMethod, cross_entropy_update
 
 
-class PGDAT(Method):
+class PGDAT(StepsMethod):
     name = "pgd"
 
     @dataclass
@@ -26,26 +24,8 @@ class PGDAT(Method):
         start: str = "uniform"       # uniform | none
         bn: str = "eval"             # BN mode while attacking: eval | train
 
-    def __init__(self, cfg, info):
-        super().__init__(cfg, info)
-        # A schedule (DEAT's magnitude rule) may change the step count between epochs, so it is state, not config.
-        self.steps = cfg.steps
-
     def train_step(self, batch, ctx):
         c = self.cfg
         x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=c.eps, alpha=c.alpha, steps=self.steps,
                     start=c.start if self.steps > 0 else "none", bn=c.bn, counter=ctx.counter)
-        logits = ctx.model(x_adv)
-        loss = nn.functional.cross_entropy(logits, batch.y)
-        ctx.update(loss)
-        ctx.counter.add(len(batch.y), 1)
-        return {"loss": loss.detach(), "acc": accuracy(logits, batch.y)}
-
-    def epoch_end(self, ctx, metrics):
-        return {"attack_steps": float(self.steps)}
-
-    def state_dict(self):
-        return {"steps": self.steps}
-
-    def load_state_dict(self, state):
-        self.steps = int(state["steps"])
+        return cross_entropy_update(ctx, x_adv, batch.y)

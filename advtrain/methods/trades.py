@@ -8,15 +8,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 from torch.nn import functional as F
 
 from advtrain.attacks import bn_mode, pgd
 from advtrain.config import pixel
-from advtrain.methods.base import Method, accuracy
+from advtrain.methods.base import StepsMethod, accuracy
 
 
-class TRADES(Method):
+class TRADES(StepsMethod):
     name = "trades"
 
     @dataclass
@@ -28,10 +27,6 @@ class TRADES(Method):
         beta: float = 6.0            # weight of the robustness (KL) term
         init_std: float = 0.001      # std of the Gaussian start, pixel units
         bn: str = "eval"
-
-    def __init__(self, cfg, info):
-        super().__init__(cfg, info)
-        self.steps = cfg.steps
 
     def train_step(self, batch, ctx):
         c, n = self.cfg, len(batch.y)
@@ -49,12 +44,3 @@ class TRADES(Method):
         ctx.counter.add(n, 2)
         return {"loss": loss.detach(), "acc": accuracy(logits_clean, batch.y),
                 "robust_kl": robust.detach()}
-
-    def epoch_end(self, ctx, metrics):
-        return {"attack_steps": float(self.steps)}
-
-    def state_dict(self):
-        return {"steps": self.steps}
-
-    def load_state_dict(self, state):
-        self.steps = int(state["steps"])
