@@ -55,7 +55,8 @@ def _debug() -> bool:
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 @_one_line_errors
 def _train(cfg: DictConfig):
-    from advtrain.config import TRAIN_SECTIONS, check_config
+    from advtrain.config import check_config
+    from advtrain.schema import TRAIN_SECTIONS
     from advtrain.engine.run import train
 
     return train(check_config(cfg, TRAIN_SECTIONS), Path(HydraConfig.get().runtime.output_dir))

@@ -4,7 +4,8 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
-from advtrain.config import TRAIN_SECTIONS, ConfigError, _unknown_key
+from advtrain.config import ConfigError, _unknown_key
+from advtrain.schema import TRAIN_SECTIONS
 from advtrain.data import DataError
 from advtrain.engine.checkpoint import CheckpointError
 from advtrain.engine.loop import TrainingError

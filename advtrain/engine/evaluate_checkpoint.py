@@ -6,7 +6,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from advtrain.attacks import PassCounter
-from advtrain.config import DatasetConfig, EvalConfig, TrainerConfig, check_config
+from advtrain.config import check_config
+from advtrain.schema import DatasetConfig, EvalConfig, TrainerConfig
 from advtrain.data import build_data
 from advtrain.engine.checkpoint import load_checkpoint, model_from_checkpoint
 from advtrain.engine.evaluate import evaluate

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from advtrain.attacks import bn_mode, pgd
-from advtrain.config import pixel
+from advtrain.schema import pixel
 from advtrain.methods.base import Method, copy_weights, cross_entropy_update
 
 

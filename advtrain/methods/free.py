@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from advtrain.config import pixel
+from advtrain.schema import pixel
 from advtrain.methods.base import Method, accuracy
 
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from advtrain.attacks import pgd
-from advtrain.config import pixel
+from advtrain.schema import pixel
 from advtrain.methods.base import StepsMethod, cross_entropy_update
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.nn import functional as F
 
 from advtrain.attacks import bn_mode, pgd
-from advtrain.config import pixel
+from advtrain.schema import pixel
 from advtrain.methods.base import StepsMethod, accuracy
 
 
