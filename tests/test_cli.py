@@ -37,7 +37,8 @@ def test_training_run_writes_results_and_a_loadable_checkpoint(trained):
     assert results["passes_per_example"] == pytest.approx(2.0)
 
     # The checkpoint gives back the same network: its clean accuracy equals the one the run reported.
-    from advtrain.config import TRAIN_SECTIONS, check_config
+    from advtrain.config import check_config
+    from advtrain.schema import TRAIN_SECTIONS
     from advtrain.data import build_data
     from conftest import compose_train
 

@@ -7,7 +7,8 @@ import pytest
 from omegaconf import OmegaConf
 
 import advtrain
-from advtrain.config import TRAIN_SECTIONS, ConfigError, check_config, parse_pixel
+from advtrain.config import ConfigError, check_config, parse_pixel
+from advtrain.schema import TRAIN_SECTIONS
 from advtrain.engine.optim import lr_factor
 from conftest import compose_train
 

@@ -9,7 +9,8 @@ from PIL import Image
 from torch import nn
 
 from advtrain.attacks import PassCounter
-from advtrain.config import TRAIN_SECTIONS, check_config
+from advtrain.config import check_config
+from advtrain.schema import TRAIN_SECTIONS
 from advtrain.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from advtrain.engine.context import TrainContext
 from advtrain.engine.run import train

@@ -4,7 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from advtrain.config import TRAIN_SECTIONS, check_config
+from advtrain.config import check_config
+from advtrain.schema import TRAIN_SECTIONS
 from advtrain.engine.run import train
 from conftest import compose_train
 
