@@ -22,11 +22,12 @@ def compose_train(overrides: list[str]):
 
 
 def run_cli(args: list[str], cwd: Path, program: str = "advtrain", timeout: float = 300, env=None):
-    """Run an entry point as a user would; returns the CompletedProcess (text mode)."""
+    """Run an entry point as a user would; returns the CompletedProcess (text mode). env values of None unset."""
     full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
-    full_env.pop("HYDRA_FULL_ERROR", None)
-    full_env.pop("ADVTRAIN_DEBUG", None)
-    return subprocess.run([program, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env)
+    for key in ("HYDRA_FULL_ERROR", "ADVTRAIN_DEBUG", *[k for k, v in (env or {}).items() if v is None]):
+        full_env.pop(key, None)
+    return subprocess.run([program, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env,
+                          stdin=subprocess.DEVNULL)
 
 
 @pytest.fixture

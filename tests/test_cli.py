@@ -121,10 +121,12 @@ def test_sigterm_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert [h["train/loss"] for h in ra["history"]] == pytest.approx([h["train/loss"] for h in rb["history"]])
 
 
-def test_wandb_offline_run_holds_the_logged_metrics(tmp_path):
-    proc = run_cli([*[a for a in TINY if a != "logger=none"], "logger=wandb", "logger.mode=offline",
-                    "logger.project=advtrain-test", "logger.tags=[ci]", "method=natural",
-                    f"hydra.run.dir={tmp_path}"], cwd=tmp_path)
+def test_wandb_without_credentials_runs_offline_and_holds_the_logged_metrics(tmp_path):
+    # No API key, no netrc, no WANDB_MODE, no terminal: the run must go offline by itself, never prompting.
+    no_credentials = {"WANDB_MODE": None, "WANDB_API_KEY": None, "NETRC": None, "HOME": str(tmp_path)}
+    proc = run_cli([*[a for a in TINY if a != "logger=none"], "logger=wandb", "logger.project=advtrain-test",
+                    "logger.tags=[ci]", "method=natural", f"hydra.run.dir={tmp_path}"], cwd=tmp_path,
+                   env=no_credentials, timeout=120)
     assert proc.returncode == 0, proc.stderr
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
