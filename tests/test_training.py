@@ -30,10 +30,10 @@ def natural(tmp_path_factory):
     ("pgd", 4, 8.0),                 # K = 7 attack steps + 1 update
     ("fgsm_rs", 4, 2.0),
     ("trades", 4, 7 + 1 / 3 + 2),    # K attack steps + the clean forward for p(x) + the two halves of the update
-    ("free", 1, 4.0),                # m = 4 replays, 1 epoch: as many passes as 4 natural epochs
+    ("free", 2, 2.0),                # m = 2 replays per minibatch: 2 passes per example per epoch
 ])
 def test_method_trains_and_beats_natural_under_attack(tmp_path, natural, method, epochs, passes):
-    extra = ["method.replays=4"] if method == "free" else []
+    extra = ["method.replays=2"] if method == "free" else []
     results = run(tmp_path, [f"method={method}", f"trainer.epochs={epochs}", *extra])
     history = results["history"]
     assert results["passes_per_example"] == pytest.approx(passes)
