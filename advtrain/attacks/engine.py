@@ -78,11 +78,11 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor | None, *, eps: float, alpha: flo
     if restarts > 1 and loss == 'kl':
         raise ValueError("restarts > 1 pick points by misclassification: use loss 'ce' or 'cw' with labels y")
     x = x.detach()
-    fooled = None  # per example: has an earlier restart's point already been misclassified?
+    x_adv = fooled = None  # fooled, per example: has an earlier restart's point already been misclassified?
     with bn_mode(model, bn), torch.enable_grad():
         for r in range(restarts):
             candidate = _ascend(model, x, y, target, loss_fn, eps, alpha, steps, norm, start, counter, record_best)
-            x_adv = candidate if fooled is None else torch.where(_rows(fooled, x), x_adv, candidate)
+            x_adv = candidate if x_adv is None else torch.where(_rows(fooled, x), x_adv, candidate)
             if r < restarts - 1:
                 hit = _misclassified(model, candidate, y, counter)
                 fooled = hit if fooled is None else fooled | hit

@@ -1,7 +1,7 @@
 """What a training method sees of the loop: the model, the update primitive, the pass counter and where we are."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
@@ -26,7 +26,6 @@ class TrainContext:
     updates: int = 0
     stop_reason: str | None = None
     fixed_batch: Callable[[int], tuple[Tensor, Tensor]] | None = None  # first n training examples, unaugmented
-    info: dict = field(default_factory=dict)
 
     @property
     def progress(self) -> float:

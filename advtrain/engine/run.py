@@ -44,7 +44,8 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model.parameters())
-    con.print_config(OmegaConf.to_yaml(cfg))
+    config_yaml = OmegaConf.to_yaml(cfg)
+    con.print_config(config_yaml)
     counter = PassCounter()
     state = LoopState()
     if resume_state is not None:
@@ -58,8 +59,6 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
     ctx.stop_reason = state.stop_reason
     ctx.updates = resume_state["updates"] if resume_state is not None else 0
     method.setup(ctx)
-
-    config_yaml = OmegaConf.to_yaml(cfg)
 
     def save(loop_state: LoopState, path: Path = ckpt_path) -> str:
         save_checkpoint({
