@@ -189,6 +189,6 @@ def test_report_tables_every_run_under_a_folder(trained, tmp_path):
     proc = run_cli([str(trained)], cwd=tmp_path, program="advtrain-report")
     assert proc.returncode == 0, proc.stderr
     results = json.loads((trained / "results.json").read_text())
-    assert "fgsm_rs" in proc.stdout and f"{results['eval']['pgd20']:.4f}" in proc.stdout
+    assert "fgsm_rs" in proc.stdout and f"{100 * results['eval']['pgd20']:.2f}" in proc.stdout
     empty = run_cli([str(tmp_path)], cwd=tmp_path, program="advtrain-report")
     assert empty.returncode == 2 and "no results.json" in empty.stderr

@@ -1,0 +1,110 @@
+"""`advtrain-report PATH`: compare every run under a folder (a run, a sweep, or any folder of them).
+
+    advtrain-report multirun/2024-05-01/12-00-00
+    advtrain-report outputs/ --out reports/cifar10 --metric pgd20
+    advtrain-report multirun/ --wandb-project advtrain --wandb-group sweep-1
+
+Reads every results.json below PATH and writes into --out (default PATH): report.csv (one column per mean and per
+std), report.md (the table as printed) and report.png (robust accuracy against training time, one marker per
+run). A row is one (method, dataset, arch): accuracy in % as mean ± std over its runs (seeds), mean training
+time, passes per example, and training time relative to PGD-AT (method "pgd") on the same dataset and arch.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from advtrain.report.table import (aggregate, collect, csv_columns, csv_values, default_metric, display_cells,
+                                   display_columns, metric_names, write_csv, write_markdown)
+
+PROG = "advtrain-report"
+
+
+class _OneLineParser(argparse.ArgumentParser):
+    def error(self, message):  # argparse prints the usage too; every advtrain error is one line
+        fail(message)
+
+
+def fail(message: str):
+    print(f"{PROG}: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def print_table(rows, metrics, title: str) -> None:
+    console = Console(highlight=False)
+    table = Table(title=title)
+    for i, name in enumerate(display_columns(metrics)):
+        table.add_column(name, justify="left" if i < 3 else "right")
+    for row in rows:
+        table.add_row(*display_cells(row, metrics))
+    if not console.is_terminal:  # logs and pipes: never wrap or squeeze cells, whatever the table's width
+        unwrapped = console.measure(table, options=console.options.update_width(10**4)).maximum
+        console.width = max(console.width, unwrapped)
+    console.print(table, markup=False)
+
+
+def log_to_wandb(args, rows, metrics, metric: str, png: Path) -> None:
+    import wandb
+
+    from advtrain.logging.wandb_logger import resolve_mode
+
+    try:
+        run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, group=args.wandb_group,
+                         job_type="report", config={"path": str(args.path), "metric": metric},
+                         mode=resolve_mode("auto"),  # offline without credentials; never prompts
+                         dir=os.environ.get("WANDB_DIR", str(args.out)),
+                         settings=wandb.Settings(console="off", silent=True))
+    except wandb.errors.Error as e:  # e.g. a bad API key or an unknown entity; the files are written already
+        fail(f"W&B: {str(e).splitlines()[0]}")
+    try:
+        table = wandb.Table(columns=csv_columns(metrics), data=[csv_values(row, metrics) for row in rows])
+        run.log({"report": table, f"{metric}_vs_train_time": wandb.Image(str(png))})
+    finally:
+        run.finish()
+
+
+def main(argv: list[str]) -> None:
+    parser = _OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("path", type=Path, metavar="PATH",
+                        help="folder searched recursively for results.json files (or one results.json)")
+    parser.add_argument("--out", type=Path, default=None, metavar="DIR",
+                        help="folder for report.{csv,md,png} (default: PATH)")
+    parser.add_argument("--metric", type=str, default=None, metavar="NAME",
+                        help="accuracy on the plot's y axis (default: autoattack if any run has it, else the first "
+                             "attack in sorted order)")
+    parser.add_argument("--wandb-project", type=str, default=None, metavar="NAME",
+                        help="also log the table and plot to a W&B run (job_type report) in this project")
+    parser.add_argument("--wandb-entity", type=str, default=None, metavar="E")
+    parser.add_argument("--wandb-group", type=str, default=None, metavar="G")
+    args = parser.parse_args(argv)
+
+    if not args.path.exists():
+        fail(f"{args.path} does not exist")
+    runs = collect(args.path)
+    if not runs:
+        fail(f"no results.json under {args.path}")
+    metrics = metric_names(runs)
+    metric = args.metric or default_metric(metrics) or "clean"
+    if metric not in metrics:
+        fail(f"--metric {metric} is not in these runs; choose one of: {', '.join(metrics)}")
+    args.out = args.out or (args.path.parent if args.path.is_file() else args.path)
+
+    from advtrain.report.plot import write_png  # matplotlib only when there is something to plot
+
+    rows = aggregate(runs, metrics)
+    print_table(rows, metrics, title=f"{len(runs)} run{'s' * (len(runs) != 1)} under {args.path}")
+    try:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_csv(rows, metrics, args.out / "report.csv")
+        write_markdown(rows, metrics, args.out / "report.md")
+        write_png(runs, metric, args.out / "report.png")
+    except OSError as e:
+        fail(f"cannot write the report into {args.out}: {e}")
+    print(f"wrote report.csv, report.md, report.png ({metric} vs training time) to {args.out}")
+    if args.wandb_project:
+        log_to_wandb(args, rows, metrics, metric, args.out / "report.png")

@@ -1,0 +1,153 @@
+"""`advtrain-report` on hand-written results.json files: aggregation, csv/md/png outputs, --metric, W&B, errors."""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from advtrain.report import main
+from advtrain.report.table import aggregate, collect, metric_names
+from wandb_records import _chunks, read_run
+
+# (method, dataset, arch, seed, train_time_s, passes_per_example, eval accuracies as fractions)
+RUNS = [
+    ("pgd", "cifar10", "preact_resnet18", 0, 100.0, 11.0, {"clean": 0.80, "pgd20": 0.48, "autoattack": 0.44}),
+    ("pgd", "cifar10", "preact_resnet18", 1, 110.0, 11.0, {"clean": 0.82, "pgd20": 0.50, "autoattack": 0.46}),
+    ("fgsm_rs", "cifar10", "preact_resnet18", 0, 20.0, 2.0, {"clean": 0.84, "pgd20": 0.44, "autoattack": 0.40}),
+    ("fgsm_rs", "cifar10", "preact_resnet18", 1, 24.0, 2.0, {"clean": 0.86, "pgd20": 0.45, "autoattack": 0.43}),
+    # a dataset/arch without PGD-AT, without AutoAttack, and a method with one seed
+    ("trades", "mnist", "mnist_net", 0, 30.0, 41.0, {"clean": 0.99, "pgd20": 0.95}),
+    ("trades", "mnist", "mnist_net", 1, 34.0, 41.0, {"clean": 0.98, "pgd20": 0.93}),
+    ("natural", "mnist", "mnist_net", 0, 5.0, 1.0, {"clean": 0.995, "pgd20": 0.0}),
+]
+
+
+@pytest.fixture
+def sweep(tmp_path) -> Path:
+    root = tmp_path / "sweep"
+    for i, (method, dataset, arch, seed, time_s, passes, accs) in enumerate(RUNS):
+        run_dir = root / f"{i}_{method}_{dataset}_seed{seed}"
+        run_dir.mkdir(parents=True)
+        results = {"method": method, "dataset": dataset, "arch": arch, "epochs": 10, "epochs_run": 10, "seed": seed,
+                   "train_time_s": time_s, "epoch_times_s": [time_s / 10] * 10, "images_per_s": 1000.0,
+                   "passes_per_example": passes, "eval": {"n": 1000, **accs}, "stop_reason": None}
+        (run_dir / "results.json").write_text(json.dumps(results))
+    (root / "crashed").mkdir()
+    (root / "crashed" / "results.json").write_text('{"method": "pgd", "eval": {')
+    return root
+
+
+def report(argv, capsys) -> tuple[int, str, str]:
+    try:
+        main([str(a) for a in argv])
+        status = 0
+    except SystemExit as e:
+        status = e.code
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def test_rows_are_mean_and_std_over_seeds_with_cost_relative_to_pgd(sweep, capsys):
+    runs = collect(sweep)
+    err = capsys.readouterr().err
+    assert len(runs) == len(RUNS)
+    assert err.count("\n") == 1 and "skipping" in err and str(sweep / "crashed" / "results.json") in err
+
+    metrics = metric_names(runs)
+    assert metrics == ["clean", "autoattack", "pgd20"]
+    rows = {r.method: r for r in aggregate(runs, metrics)}
+    assert [(r.dataset, r.method) for r in aggregate(runs, metrics)] == [
+        ("cifar10", "fgsm_rs"), ("cifar10", "pgd"), ("mnist", "natural"), ("mnist", "trades")]
+
+    pgd, fgsm = rows["pgd"], rows["fgsm_rs"]
+    assert pgd.runs == 2 and pgd.acc_pct["clean"] == pytest.approx((81.0, math.sqrt(2)))  # std over seeds, ddof=1
+    assert fgsm.acc_pct["autoattack"] == pytest.approx((41.5, math.sqrt(4.5)))
+    assert fgsm.acc_pct["pgd20"] == pytest.approx((44.5, math.sqrt(0.5)))
+    assert (pgd.train_time_s, fgsm.train_time_s, fgsm.passes_per_example) == pytest.approx((105.0, 22.0, 2.0))
+    assert pgd.time_vs_pgd == 1.0 and fgsm.time_vs_pgd == pytest.approx(22.0 / 105.0)
+
+    trades, natural = rows["trades"], rows["natural"]
+    assert trades.time_vs_pgd is None and natural.time_vs_pgd is None  # no PGD-AT on mnist/mnist_net
+    assert trades.acc_pct["autoattack"] == (None, None)
+    assert natural.runs == 1 and natural.acc_pct["clean"] == pytest.approx((99.5, None))
+
+
+def test_writes_csv_md_and_png(sweep, capsys):
+    status, out, _ = report([sweep], capsys)
+    assert status == 0
+    assert "81.00 ± 1.41" in out and "fgsm_rs" in out and "0.21" in out  # fgsm_rs time / PGD-AT = 22 / 105
+
+    with (sweep / "report.csv").open(newline="") as f:
+        rows = {r["method"]: r for r in csv.DictReader(f)}
+    assert list(rows) == ["fgsm_rs", "pgd", "natural", "trades"]
+    pgd, fgsm, natural = rows["pgd"], rows["fgsm_rs"], rows["natural"]
+    assert (float(pgd["clean_mean_pct"]), float(pgd["clean_std_pct"])) == pytest.approx((81.0, math.sqrt(2)))
+    assert float(fgsm["autoattack_mean_pct"]) == pytest.approx(41.5)
+    assert float(fgsm["autoattack_std_pct"]) == pytest.approx(math.sqrt(4.5))
+    assert float(fgsm["train_time_s"]) == pytest.approx(22.0) and float(fgsm["passes_per_example"]) == 2.0
+    assert float(pgd["time_vs_pgd"]) == 1.0 and float(fgsm["time_vs_pgd"]) == pytest.approx(22.0 / 105.0)
+    assert natural["time_vs_pgd"] == "" and natural["clean_std_pct"] == "" and natural["autoattack_mean_pct"] == ""
+    assert int(natural["runs"]) == 1 and float(natural["clean_mean_pct"]) == pytest.approx(99.5)
+
+    md = (sweep / "report.md").read_text().splitlines()
+    assert md[0].startswith("| method | dataset | arch | runs | clean (%) | autoattack (%) | pgd20 (%)")
+    assert set(md[1]) <= set("|-:") and len(md) == 2 + 4
+    assert md[2].startswith("| fgsm_rs | cifar10 | preact_resnet18 | 2 | 85.00 ± 1.41 | 41.50 ± 2.12 |")
+    assert "| natural | mnist | mnist_net | 1 | 99.50 |" in md[4]
+
+    png = (sweep / "report.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000
+
+
+def test_out_folder_and_metric_choice(sweep, tmp_path, capsys):
+    status, out, _ = report([sweep, "--out", tmp_path / "reports" / "a"], capsys)
+    assert status == 0 and "autoattack vs training time" in out  # autoattack: some run has it
+    assert {p.name for p in (tmp_path / "reports" / "a").iterdir()} == {"report.csv", "report.md", "report.png"}
+    assert not (sweep / "report.csv").exists()
+
+    status, out, _ = report([sweep, "--out", tmp_path / "b", "--metric", "pgd20"], capsys)
+    assert status == 0 and "pgd20 vs training time" in out and (tmp_path / "b" / "report.png").stat().st_size > 10_000
+
+    status, out, err = report([sweep, "--metric", "cw"], capsys)
+    error = err.splitlines()[-1]  # after the warning about the crashed run
+    assert status == 2 and "Traceback" not in err and err.count("advtrain-report: error") == 1
+    assert error == "advtrain-report: error: --metric cw is not in these runs; choose one of: clean, autoattack, pgd20"
+
+
+def test_user_errors_are_one_line_with_status_2(tmp_path, capsys):
+    status, _, err = report([tmp_path / "nowhere"], capsys)
+    assert status == 2 and err == f"advtrain-report: error: {tmp_path / 'nowhere'} does not exist\n"
+    status, _, err = report([tmp_path], capsys)
+    assert status == 2 and err == f"advtrain-report: error: no results.json under {tmp_path}\n"
+    status, _, err = report([], capsys)
+    assert status == 2 and err == "advtrain-report: error: the following arguments are required: PATH\n"
+
+
+def test_wandb_offline_run_holds_the_table_and_plot(sweep, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    status, _, err = report([sweep, "--wandb-project", "advtrain-test", "--wandb-group", "g"], capsys)
+    assert status == 0, err
+    run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(run_files) == 1 and run_files[0].stat().st_size > 0
+    assert _run_record(run_files[0]) == ("advtrain-test", "g", "report")
+    logged = {key: value for row in read_run(run_files[0])["history"] for key, value in row.items()}
+    assert logged["report/_type"] == "table-file" and logged["report/nrows"] == 4
+    assert logged["autoattack_vs_train_time/_type"] == "image-file"
+    table = json.loads((run_files[0].parent / "files" / logged["report/path"]).read_text())
+    assert table["columns"][:5] == ["method", "dataset", "arch", "runs", "clean_mean_pct"]
+    assert [row[0] for row in table["data"]] == ["fgsm_rs", "pgd", "natural", "trades"]
+
+
+def _run_record(path: Path) -> tuple[str, str, str]:
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    for raw in _chunks(path):
+        record = pb.Record()
+        record.ParseFromString(raw)
+        if record.WhichOneof("record_type") == "run":
+            return record.run.project, record.run.run_group, record.run.job_type
