@@ -6,7 +6,7 @@ Methods declare their own section's schema next to their code (`Method.Config`);
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 from omegaconf import MISSING
 
@@ -26,14 +26,14 @@ class DatasetConfig:
     val_size: int = 0                        # training examples held out for validation (never the test set)
     crop_padding: int = 0                    # pixels of zero padding for random crops (0 = no crop)
     flip: bool = False
-    mean: list = field(default_factory=lambda: [0.0])
-    std: list = field(default_factory=lambda: [1.0])
+    mean: List[float] = field(default_factory=lambda: [0.0])
+    std: List[float] = field(default_factory=lambda: [1.0])
     eps: Any = pixel()                       # the threat model's radius for this dataset
     pgd_alpha: Any = pixel()                 # the papers' PGD step size for this dataset
     pgd_steps: int = 10                      # the papers' PGD step count for training attacks
     # synthetic only
     num_classes: Optional[int] = None
-    shape: Optional[list] = None             # [C, H, W]
+    shape: Optional[List[int]] = None             # [C, H, W]
     n_train: Optional[int] = None
     n_test: Optional[int] = None
     noise: Optional[float] = None
@@ -57,13 +57,13 @@ class OptimConfig:
     momentum: float = 0.9                    # sgd
     nesterov: bool = False                   # sgd
     weight_decay: float = 5e-4
-    betas: list = field(default_factory=lambda: [0.9, 0.999])  # adam
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
 
 
 @dataclass
 class ScheduleConfig:
     name: str = MISSING                      # constant | piecewise | cosine | cyclic
-    milestones: list = field(default_factory=lambda: [0.5, 0.75])  # piecewise: fractions of training
+    milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])  # piecewise: fractions of training
     gamma: float = 0.1                       # piecewise: LR factor at each milestone
     warmup: float = 0.0                      # fraction of training with a linear ramp from 0
     peak_at: float = 0.4                     # cyclic: fraction of training where the triangle peaks
@@ -100,7 +100,7 @@ class LoggerConfig:
     project: str = "advtrain"
     entity: Optional[str] = None
     group: Optional[str] = None
-    tags: list = field(default_factory=list)
+    tags: List[str] = field(default_factory=list)
     run_name: Optional[str] = None
     mode: str = "auto"                       # auto (offline without credentials) | online | offline | disabled
 
@@ -116,7 +116,7 @@ class AttackConfig:
     loss: str = "ce"
     version: str = "standard"                # autoattack
     seed: int = 0                            # autoattack
-    attacks: Optional[list] = None           # autoattack version=custom
+    attacks: Optional[List[str]] = None           # autoattack version=custom
 
 
 TRAIN_SECTIONS = {"dataset": DatasetConfig, "arch": ArchConfig, "optim": OptimConfig, "schedule": ScheduleConfig,

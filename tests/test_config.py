@@ -73,6 +73,7 @@ def test_pixel_values_accept_fractions_and_follow_the_dataset():
     (["+method.stepz=3"], "unknown config key 'method.stepz' (did you mean 'steps'?)"),
     (["+foo=1"], "unknown config key 'foo'"),
     (["trainer.devices=2"], "trainer.devices=2"),
+    (["dataset.mean=[a]"], "dataset.mean"),
     (["method.bn=frozen"], "method.bn='frozen' is not valid; choose one of: eval, train, keep"),
     (["attack=[pgd20]", "attack.pgd20.norm=l3"], "attack.pgd20.norm='l3' is not valid; choose one of: linf, l2"),
 ])
