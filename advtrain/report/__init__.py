@@ -1,6 +1,6 @@
 """`advtrain-report PATH`: compare every run under a folder (a run, a sweep, or any folder of them).
 
-    advtrain-report multirun/2024-05-01/12-00-00
+    advtrain-report multirun/<date>/<time>
     advtrain-report outputs/ --out reports/cifar10 --metric pgd20
     advtrain-report multirun/ --wandb-project advtrain --wandb-group sweep-1
 
