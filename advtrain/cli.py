@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
@@ -21,8 +22,10 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from advtrain.errors import USER_ERRORS, describe_hydra_error
+from advtrain.sweep import register_resolvers
 
 os.environ.setdefault("WANDB_SILENT", "true")
+register_resolvers()  # before Hydra reads the config, which names them
 
 
 def _one_line_errors(task):
@@ -34,7 +37,10 @@ def _one_line_errors(task):
         try:
             return task(cfg)
         except Interrupted as e:
-            _exit(str(e), 128 + e.signum)
+            print(f"{_program()}: {e}", file=sys.stderr)
+            if e.chain is not None:  # submitit's handler: requeue the job, which resumes from the checkpoint
+                e.chain(e.signum, None)
+            sys.exit(128 + e.signum)
         except USER_ERRORS as e:
             if _debug():
                 raise
@@ -54,8 +60,13 @@ def _discard_fresh_run_dir() -> None:
         shutil.rmtree(run_dir)
 
 
+def _program() -> str:
+    name = Path(sys.argv[0]).name
+    return "advtrain" if name == "__main__.py" else name  # python -m advtrain
+
+
 def _exit(message: str, status: int):
-    print(f"{Path(sys.argv[0]).name}: {message}", file=sys.stderr)
+    print(f"{_program()}: {message}", file=sys.stderr)
     sys.exit(status)
 
 
@@ -67,10 +78,21 @@ def _debug() -> bool:
 @_one_line_errors
 def _train(cfg: DictConfig):
     from advtrain.config import check_config
+    from advtrain.engine.launch import run_training
     from advtrain.schema import TRAIN_SECTIONS
-    from advtrain.engine.run import train
 
-    return train(check_config(cfg, TRAIN_SECTIONS), Path(HydraConfig.get().runtime.output_dir))
+    from advtrain.sweep import claim_device, cpu_threads_per_job
+
+    hydra_cfg = HydraConfig.get()
+    checked = check_config(cfg, TRAIN_SECTIONS)
+    threads = cpu_threads_per_job()  # parallel jobs on one machine share its cores
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+    # ... and each one-device job gets a GPU of its own (a multi-device job takes this node's first N).
+    with claim_device() if checked.trainer.devices == 1 else nullcontext() as gpu:
+        return run_training(checked, Path(hydra_cfg.runtime.output_dir), hydra_cfg, device_index=gpu)
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")

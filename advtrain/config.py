@@ -133,9 +133,6 @@ def check_config(cfg: DictConfig, sections: dict[str, type]) -> DictConfig:
             raise ConfigError(f"{key}={_get(out, key)!r} must be >= 0")
     if "seed" in out and not isinstance(out["seed"], int):
         raise ConfigError(f"seed={out['seed']!r}: expected an integer")
-    if "trainer" in out and out["trainer"]["devices"] != 1:
-        raise ConfigError(f"trainer.devices={out['trainer']['devices']}: this version trains on 1 device; "
-                          "multi-device (DDP) training is not available yet")
     return OmegaConf.create(out)
 
 
@@ -152,7 +149,8 @@ def _check_method(section: Any) -> dict:
     return out
 
 
-METHOD_CHOICES = {"bn": ("eval", "train", "keep"), "start": ("uniform", "uniform_raw", "none")}
+METHOD_CHOICES = {"bn": ("eval", "train", "keep"), "start": ("uniform", "uniform_raw", "none"),
+                  "forward": ("auto", "separate", "joint")}
 
 
 def _check_attacks(section: Any) -> dict:

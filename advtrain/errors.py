@@ -8,9 +8,10 @@ from advtrain.config import ConfigError, _unknown_key
 from advtrain.schema import TRAIN_SECTIONS
 from advtrain.data import DataError
 from advtrain.engine.checkpoint import CheckpointError
+from advtrain.engine.launch import RankError
 from advtrain.engine.loop import TrainingError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError)
+USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, RankError)
 
 
 def describe_hydra_error(e: BaseException) -> str | None:

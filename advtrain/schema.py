@@ -74,7 +74,8 @@ class ScheduleConfig:
 class TrainerConfig:
     epochs: int = 10
     batch_size: int = 128
-    devices: int = 1
+    devices: int = 1                         # processes (one per device) this command starts on this node
+    sync_bn: bool = False                    # with several devices: BatchNorm statistics over the global batch
     accelerator: str = "auto"                # auto | cpu | cuda
     precision: str = "auto"                  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: str = "auto"              # auto (on CUDA) | true | false

@@ -365,7 +365,7 @@ def test_resume_mid_epoch_reproduces_batches(tmp_path):
     assert len(first) + len(rest) == len(expected)
     for got, want in zip(first + rest, expected):
         for a, b in zip(got, want):
-            assert torch.equal(a, b)
+            assert torch.equal(a, b) if isinstance(a, torch.Tensor) else a == b
     with pytest.raises(ValueError, match="batch"):
         resumed.epoch(2, start_batch=1)
 
@@ -376,7 +376,7 @@ def test_seed_decides_batches():
                                     batch_size=32).train.epoch(0)))
 
     a, b, c = first_batch(1), first_batch(1), first_batch(2)
-    assert all(torch.equal(u, v) for u, v in zip(a, b))
+    assert all(torch.equal(u, v) for u, v in zip(a[:5], b[:5])) and a.weight == b.weight == 1.0
     assert not torch.equal(a.index, c.index)
 
 

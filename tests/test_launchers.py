@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import time
 
 import pytest
 import submitit
@@ -53,3 +56,56 @@ def test_slurm_script_holds_the_requested_resources(tmp_path, monkeypatch):
                  "#SBATCH --gpus-per-node=4", "#SBATCH --ntasks-per-node=4", "#SBATCH --cpus-per-task=6",
                  "#SBATCH --mem=64GB", "#SBATCH --time=90", "#SBATCH --mail-type=END"):
         assert line in script, (line, script)
+
+
+def _job_processes(folder) -> list[int]:
+    """PIDs of submitit's task processes for jobs whose files live under `folder`."""
+    out = subprocess.run(["pgrep", "-f", f"submitit.core._submit {folder}"], capture_output=True, text=True).stdout
+    return [int(pid) for pid in out.split()]
+
+
+def test_preempted_submitit_job_checkpoints_requeues_and_finishes_from_its_checkpoint(tmp_path):
+    """submitit signals USR2 before a time limit or on preemption: the job must write its checkpoint, hand the
+    signal to submitit (which requeues it) and, requeued, continue from that checkpoint."""
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(["advtrain", "-m", "hydra/launcher=local", "method=natural", *TINY, "trainer.epochs=40",
+                             "trainer.log_every_s=0", f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while True:  # wait until the job trains, then preempt it the way SLURM/submitit would
+        logs = list((tmp_path / ".submitit").rglob("*_log.out"))
+        if logs and "epoch 3/40" in logs[0].read_text():
+            break
+        assert proc.poll() is None and time.time() < deadline, "the job never started training"
+        time.sleep(0.2)
+    (pid,) = _job_processes(tmp_path / ".submitit")
+    os.kill(pid, signal.SIGUSR2)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    log = logs[0].read_text()
+    assert "stopped by SIGUSR2" in log + (logs[0].with_name(logs[0].name.replace("out", "err")).read_text())
+    assert "resumed from" in log
+    results = json.loads(next(tmp_path.glob("*/results.json")).read_text())
+    assert results["epochs_run"] == 40 and len(results["history"]) == 40
+
+
+def test_rerunning_a_sweep_skips_finished_jobs_and_resumes_the_interrupted_one(tmp_path):
+    args = ["-m", "method=natural,pgd", *TINY, "trainer.epochs=3", "trainer.log_every_s=0",
+            f"hydra.sweep.dir={tmp_path}"]
+    env = {**os.environ, "WANDB_MODE": "offline", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(["advtrain", *args], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
+    for line in proc.stdout:  # the second job (pgd) is in its second epoch: stop the sweep
+        if "epoch 2/3 batch" in line and (tmp_path / "0_natural_synthetic_seed0" / "results.json").exists():
+            proc.send_signal(signal.SIGTERM)
+            break
+    proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM
+    first = (tmp_path / "0_natural_synthetic_seed0" / "results.json").read_text()
+    assert not (tmp_path / "1_pgd_synthetic_seed0" / "results.json").exists()
+
+    again = run_cli(args, cwd=tmp_path)
+    assert again.returncode == 0, again.stderr
+    assert "already finished" in again.stdout and "resumed from" in again.stdout
+    assert (tmp_path / "0_natural_synthetic_seed0" / "results.json").read_text() == first  # not redone
+    assert json.loads((tmp_path / "1_pgd_synthetic_seed0" / "results.json").read_text())["epochs_run"] == 3

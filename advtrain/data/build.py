@@ -64,11 +64,15 @@ def split_rows(n: int, train_subset: int | None, val_size: int, seed: int) -> tu
     return np.sort(permutation[val_size:]), np.sort(permutation[:val_size])
 
 
-def build_data(cfg, *, device: torch.device, seed: int, batch_size: int) -> Data:
-    """Reads (or generates) the dataset named by cfg.name and puts it behind the loader interface on `device`."""
+def build_data(cfg, *, device: torch.device, seed: int, batch_size: int, rank: int = 0, world_size: int = 1) -> Data:
+    """Reads (or generates) the dataset named by cfg.name and puts it behind the loader interface on `device`.
+
+    batch_size is the global batch; with several ranks the training loader yields this rank's shard of it.
+    """
     device = torch.device(device)
+    ranks = {"rank": rank, "world_size": world_size}
     if cfg.name == "imagefolder":
-        return _build_imagefolder(cfg, device, seed, batch_size)
+        return _build_imagefolder(cfg, device, seed, batch_size, ranks)
     if cfg.name == "synthetic":
         shape = tuple(int(v) for v in cfg.shape)
         num_classes = cfg.num_classes
@@ -90,13 +94,13 @@ def build_data(cfg, *, device: torch.device, seed: int, batch_size: int) -> Data
 
     train = TensorTrainLoader(
         on_device(train_x[train_rows]), on_device(train_y[train_rows]),
-        batch_size=batch_size, crop_padding=cfg.crop_padding, flip=cfg.flip, seed=seed,
+        batch_size=batch_size, crop_padding=cfg.crop_padding, flip=cfg.flip, seed=seed, **ranks,
     )
     val = TensorEvalSet(on_device(train_x[val_rows]), on_device(train_y[val_rows])) if len(val_rows) else None
     return Data(info, train, val, TensorEvalSet(on_device(test_x), on_device(test_y)))
 
 
-def _build_imagefolder(cfg, device: torch.device, seed: int, batch_size: int) -> Data:
+def _build_imagefolder(cfg, device: torch.device, seed: int, batch_size: int, ranks: dict) -> Data:
     train_samples, test_samples, classes = list_images(Path(cfg.root).expanduser())
     train_rows, val_rows = split_rows(len(train_samples), cfg.train_subset, cfg.val_size, seed)
     shape = (3, cfg.image_size, cfg.image_size)  # the folder loader converts every image to RGB
@@ -105,6 +109,7 @@ def _build_imagefolder(cfg, device: torch.device, seed: int, batch_size: int) ->
     train = FolderTrainLoader(
         [train_samples[r] for r in train_rows],
         image_size=cfg.image_size, flip=cfg.flip, batch_size=batch_size, workers=cfg.workers, device=device, seed=seed,
+        **ranks,
     )
     val = FolderEvalSet([train_samples[r] for r in val_rows], **evaluation) if len(val_rows) else None
     return Data(info, train, val, FolderEvalSet(test_samples, **evaluation))

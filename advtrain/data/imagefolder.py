@@ -10,7 +10,6 @@ in the same order. The random crops and flips, drawn in the workers, are NOT bit
 epoch's: they depend on which worker gets which batch (and with workers=0 on torch's global generator).
 """
 
-import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from torchvision.datasets.folder import default_loader
 from torchvision.transforms import v2
 
 from .errors import DataError
-from .loader import Batch, to_unit
+from .loader import Batch, batches_per_epoch, shard, to_unit
 
 RESIZE_RATIO = 1.14  # evaluation resize before the center crop (256/224, the ImageNet convention)
 
@@ -74,17 +73,17 @@ class _Images(Dataset):
 
 
 class _Order(Sampler):
-    """The positions the current epoch still has to visit; set before each pass, so that persistent workers can
-    stay alive across epochs."""
+    """The batches (lists of positions) the current epoch still has to load on this rank; set before each pass, so
+    that persistent workers can stay alive across epochs."""
 
     def __init__(self):
-        self.positions: list[int] = []
+        self.batches: list[list[int]] = []
 
     def __iter__(self):
-        return iter(self.positions)
+        return iter(self.batches)
 
     def __len__(self) -> int:
-        return len(self.positions)
+        return len(self.batches)
 
 
 def _on_device(batches, device: torch.device):
@@ -98,18 +97,20 @@ def _on_device(batches, device: torch.device):
 
 class FolderTrainLoader:
     """Streams the training images with workers; Batch.crop and Batch.flip are None (the workers crop and flip each
-    image on its own, at its own size, before batching)."""
+    image on its own, at its own size, before batching). With several ranks each loads only its shard of every
+    global batch (see TensorTrainLoader)."""
 
-    def __init__(self, samples, *, image_size: int, flip: bool, batch_size: int, workers: int, device, seed: int):
+    def __init__(self, samples, *, image_size: int, flip: bool, batch_size: int, workers: int, device, seed: int,
+                 rank: int = 0, world_size: int = 1):
         self.n_examples = len(samples)
         self.batch_size, self.device, self.seed = batch_size, device, seed
+        self.rank, self.world_size = rank, world_size
         self._epoch = -1
         self._order = _Order()
         self._eval_dataset = _Images(samples, eval_transform(image_size))
         self._loader = DataLoader(
             _Images(samples, train_transform(image_size, flip)),
-            batch_size=batch_size,
-            sampler=self._order,
+            batch_sampler=self._order,
             num_workers=workers,
             pin_memory=device.type == "cuda",
             persistent_workers=workers > 0,
@@ -117,14 +118,16 @@ class FolderTrainLoader:
         )
 
     def __len__(self) -> int:
-        return math.ceil(self.n_examples / self.batch_size)
+        return batches_per_epoch(self.n_examples, self.batch_size, self.world_size)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         self._epoch = epoch
-        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_examples)
-        self._order.positions = order[start_batch * self.batch_size :].tolist()
-        for x, y, index in _on_device(self._loader, self.device):
-            yield Batch(x, y, index, None, None)
+        order = np.random.default_rng([self.seed, epoch]).permutation(self.n_examples).tolist()
+        batches = [order[b * self.batch_size : (b + 1) * self.batch_size] for b in range(start_batch, len(self))]
+        self._order.batches = [batch[shard(len(batch), self.rank, self.world_size)] for batch in batches]
+        weights = [len(mine) * self.world_size / len(batch) for mine, batch in zip(self._order.batches, batches)]
+        for (x, y, index), weight in zip(_on_device(self._loader, self.device), weights):
+            yield Batch(x, y, index, None, None, weight)
 
     def state_dict(self) -> dict:
         return {"seed": self.seed, "epoch": self._epoch}
@@ -145,8 +148,10 @@ class FolderEvalSet:
         self.samples, self.image_size, self.workers, self.device = samples, image_size, workers, device
         self.n_examples = len(samples)
 
-    def batches(self, batch_size: int, n: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        images = _Images(self.samples[:n], eval_transform(self.image_size))
+    def batches(self, batch_size: int, n: int | None = None, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        samples = self.samples[:n]
+        images = _Images(samples[shard(len(samples), rank, world_size)], eval_transform(self.image_size))
         loader = DataLoader(
             images, batch_size=batch_size, num_workers=self.workers, pin_memory=self.device.type == "cuda"
         )

@@ -6,7 +6,6 @@ fixed order (one permutation per epoch, then crop offsets and flips per batch), 
 epoch resumable bit for bit from state_dict().
 """
 
-import math
 from collections.abc import Iterator
 from typing import NamedTuple, Protocol, runtime_checkable
 
@@ -23,6 +22,10 @@ class Batch(NamedTuple):
     index: Tensor  # int64 (B,): the example's row in the training split, for per-example state
     crop: Tensor | None  # int64 (B,2): (dy, dx) of the crop window in the zero-padded image; None without crops
     flip: Tensor | None  # bool (B,): mirrored left-right after cropping; None without flips
+    # This rank's share of the global batch's loss: rows here * world size / rows in the global batch. 1.0 unless
+    # the ranks' shards differ in size (the last batch of an epoch); the update scales the loss by it so that DDP's
+    # average over ranks is the global batch's mean.
+    weight: float = 1.0
 
 
 @runtime_checkable
@@ -44,7 +47,19 @@ class TrainLoader(Protocol):
 class EvalSet(Protocol):
     n_examples: int
 
-    def batches(self, batch_size: int, n: int | None = None) -> Iterator[tuple[Tensor, Tensor]]: ...
+    def batches(self, batch_size: int, n: int | None = None, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]: ...
+
+
+def shard(n: int, rank: int, world_size: int) -> slice:
+    """Rank `rank`'s contiguous share of n rows: sizes differ by at most one, rank order follows row order."""
+    return slice(n * rank // world_size, n * (rank + 1) // world_size)
+
+
+def batches_per_epoch(n_examples: int, batch_size: int, world_size: int) -> int:
+    """Global batches per epoch, the last partial one included unless it has fewer rows than there are ranks."""
+    full, rest = divmod(n_examples, batch_size)
+    return full + (1 if rest >= world_size else 0)
 
 
 def to_unit(images: Tensor) -> Tensor:
@@ -53,18 +68,25 @@ def to_unit(images: Tensor) -> Tensor:
 
 
 class TensorTrainLoader:
-    """A training split held on the device, shuffled and augmented there in batches."""
+    """A training split held on the device, shuffled and augmented there in batches.
 
-    def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, crop_padding: int, flip: bool, seed: int):
+    With several ranks every rank holds the whole split and draws the same permutation and augmentation from the same
+    seed, then keeps its contiguous shard of each global batch of `batch_size` rows: the ranks' shards are disjoint,
+    and together they are exactly the batch a single process would train on.
+    """
+
+    def __init__(self, images: Tensor, labels: Tensor, *, batch_size: int, crop_padding: int, flip: bool, seed: int,
+                 rank: int = 0, world_size: int = 1):
         self.images, self.labels = images, labels  # uint8 (N,C,H,W) and int64 (N,), on the training device
         self.n_examples = len(labels)
         self.batch_size, self.crop_padding, self.flip = batch_size, crop_padding, flip
+        self.rank, self.world_size = rank, world_size
         self.generator = torch.Generator(device=images.device).manual_seed(seed)
         self._epoch, self._next_batch = -1, 0
         self._permutation = torch.empty(0, dtype=torch.int64, device=images.device)
 
     def __len__(self) -> int:
-        return math.ceil(self.n_examples / self.batch_size)
+        return batches_per_epoch(self.n_examples, self.batch_size, self.world_size)
 
     def epoch(self, epoch: int, start_batch: int = 0) -> Iterator[Batch]:
         """The epoch's batches from start_batch on. start_batch=0 draws a new permutation; start_batch > 0 continues
@@ -87,8 +109,11 @@ class TensorTrainLoader:
             # Drawn only when the batch is requested, so state_dict() between batches marks an exact resume point.
             crop, flip = sample_augmentation(len(index), self.crop_padding, self.flip, self.generator)
             self._next_batch = b + 1
+            mine = shard(len(index), self.rank, self.world_size)
+            weight = (mine.stop - mine.start) * self.world_size / len(index)
+            index, crop, flip = index[mine], _rows(crop, mine), _rows(flip, mine)
             x = to_unit(apply_augmentation(self.images[index], crop, flip, self.crop_padding))
-            yield Batch(x, self.labels[index], index, crop, flip)
+            yield Batch(x, self.labels[index], index, crop, flip, weight)
 
     def state_dict(self) -> dict:
         return {
@@ -113,6 +138,10 @@ class TensorTrainLoader:
         return to_unit(self.images[:n]), self.labels[:n]
 
 
+def _rows(t: Tensor | None, rows: slice) -> Tensor | None:
+    return None if t is None else t[rows]
+
+
 class TensorEvalSet:
     """A validation or test split held on the device; batches in a fixed order, without augmentation."""
 
@@ -120,9 +149,12 @@ class TensorEvalSet:
         self.images, self.labels = images, labels
         self.n_examples = len(labels)
 
-    def batches(self, batch_size: int, n: int | None = None) -> Iterator[tuple[Tensor, Tensor]]:
-        """The first n examples (all when n is None or larger than the split)."""
+    def batches(self, batch_size: int, n: int | None = None, rank: int = 0,
+                world_size: int = 1) -> Iterator[tuple[Tensor, Tensor]]:
+        """The first n examples (all when n is None or larger than the split); with several ranks, this rank's
+        contiguous share of them."""
         n = self.n_examples if n is None else min(n, self.n_examples)
-        for start in range(0, n, batch_size):
-            stop = min(start + batch_size, n)
+        rows = shard(n, rank, world_size)
+        for start in range(rows.start, rows.stop, batch_size):
+            stop = min(start + batch_size, rows.stop)
             yield to_unit(self.images[start:stop]), self.labels[start:stop]

@@ -8,12 +8,15 @@ import torch
 from torch import Tensor, nn
 
 from advtrain.attacks import PassCounter
+from advtrain.engine.distributed import SINGLE, Dist
 
 
 @dataclass
 class TrainContext:
-    model: nn.Module                 # what the update runs through (may be compiled or DDP-wrapped)
-    attack_model: nn.Module          # the plain module: attacks take input-only gradients through it
+    model: nn.Module                 # what the update runs through (may be compiled or DDP-wrapped): ONE forward
+                                     # and ONE backward through it per update, as DDP requires
+    attack_model: nn.Module          # the plain module: attacks take input-only gradients through it, so attack
+                                     # steps never all-reduce gradients
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler | None
     counter: PassCounter
@@ -26,6 +29,8 @@ class TrainContext:
     updates: int = 0
     stop_reason: str | None = None
     fixed_batch: Callable[[int], tuple[Tensor, Tensor]] | None = None  # first n training examples, unaugmented
+    dist: Dist = SINGLE              # the ranks; decisions a method takes must agree on all of them (dist.mean)
+    loss_weight: float = 1.0         # this rank's share of the current global batch (Batch.weight)
 
     @property
     def progress(self) -> float:
@@ -42,16 +47,19 @@ class TrainContext:
         self.optimizer.zero_grad(set_to_none=True)
         for t in inputs:
             t.grad = None
+        weight = self.loss_weight
+        if weight != 1.0:  # DDP averages the ranks' gradients; shards of unequal size need their share's weight
+            loss = loss * weight
         # The caller's forward ran under autocast; the backward must not (it follows the forward's dtypes anyway).
         with torch.autocast(self.device.type, enabled=False):
             (loss if self.scaler is None else self.scaler.scale(loss)).backward()
         if self.scaler is not None:
             scale = self.scaler._get_scale_async()  # a device tensor: no host sync; read before update() changes it
-            grads = [t.grad / scale for t in inputs]
+            grads = [t.grad / (scale * weight) for t in inputs]
             self.scaler.step(self.optimizer)
             self.scaler.update()
         else:
-            grads = [t.grad for t in inputs]
+            grads = [t.grad if weight == 1.0 else t.grad / weight for t in inputs]
             self.optimizer.step()
         self.updates += 1
         return grads

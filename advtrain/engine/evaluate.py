@@ -3,7 +3,8 @@
 Evaluation runs in fp32 with BN in eval mode (the attack engine sees to it), so the numbers describe the deployed
 model. An example counts as robust under an attack only if it is also classified correctly without one, as AutoAttack
 and RobustBench count it. Methods whose model has several settings (OAT's lambda) are evaluated in each of them;
-their metric names carry the view's suffix.
+their metric names carry the view's suffix. With several ranks each evaluates its contiguous share of the n examples
+(AutoAttack included) and the counts are summed over ranks: every rank returns the same, global numbers.
 """
 from __future__ import annotations
 
@@ -15,10 +16,12 @@ import torch
 from torch import nn
 
 from advtrain.attacks import build_attack
+from advtrain.engine.distributed import SINGLE, Dist
 
 
 def evaluate(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n: int | None, batch_size: int,
-             views: Iterable = (("", nullcontext()),), on_progress: Callable[[str], None] | None = None) -> dict:
+             views: Iterable = (("", nullcontext()),), on_progress: Callable[[str], None] | None = None,
+             dist: Dist = SINGLE) -> dict:
     attacks = {name: build_attack(name, spec) for name, spec in suite.items()}
     was_training = model.training
     model.eval()
@@ -30,7 +33,7 @@ def evaluate(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n: int 
                 counts = {"clean": 0, **{name: 0 for name in attacks}}
                 total = 0
                 start = time.perf_counter()
-                for x, y in evalset.batches(batch_size, n):
+                for x, y in evalset.batches(batch_size, n, dist.rank, dist.world_size):
                     with torch.no_grad():
                         clean = model(x).argmax(1) == y
                     counts["clean"] += int(clean.sum())
@@ -39,7 +42,12 @@ def evaluate(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n: int 
                     total += len(y)
                     if on_progress:
                         accs = ", ".join(f"{k} {v / total:.4f}" for k, v in counts.items())
-                        on_progress(f"eval{suffix}: {total} examples, {accs} ({time.perf_counter() - start:.0f} s)")
+                        shard = f" (rank 0 of {dist.world_size})" if dist.enabled else ""
+                        on_progress(f"eval{suffix}: {total} examples{shard}, {accs} "
+                                    f"({time.perf_counter() - start:.0f} s)")
+                *summed, total = dist.sum([*counts.values(), total])
+                counts = dict(zip(counts, summed))
+                total = int(total)
                 for name, count in counts.items():
                     results[f"{name}{suffix}"] = count / max(total, 1)
     finally:

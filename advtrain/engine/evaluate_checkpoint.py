@@ -5,8 +5,7 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from advtrain.attacks import PassCounter
-from advtrain.config import check_config
+from advtrain.config import ConfigError, check_config
 from advtrain.schema import DatasetConfig, EvalConfig, TrainerConfig
 from advtrain.data import build_data
 from advtrain.engine.checkpoint import load_checkpoint, model_from_checkpoint
@@ -28,6 +27,8 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
         "eval": OmegaConf.to_container(cfg.eval), "trainer": OmegaConf.to_container(cfg.trainer), "seed": cfg.seed,
     })
     checked = check_config(combined, {"dataset": DatasetConfig, "eval": EvalConfig, "trainer": TrainerConfig})
+    if checked.trainer.devices != 1:
+        raise ConfigError(f"trainer.devices={checked.trainer.devices}: advtrain-eval evaluates on one device")
     rt = resolve_runtime(checked.trainer)
     data = build_data(checked.dataset, device=rt.device, seed=saved.seed, batch_size=checked.eval.batch_size)
     method, model = model_from_checkpoint(state)
@@ -39,10 +40,9 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
                       views=method.eval_views(model),
                       on_progress=lambda line: con.console.print(line, markup=False))
     loop = LoopState(**state["loop"])
-    counter = PassCounter()
-    counter.load_state_dict(state["counter"])
-    record = OmegaConf.merge(saved, {"dataset": checked.dataset})
-    results = build_results(record, loop, counter, data.train.n_examples, scores, rt, checkpoint=str(cfg.checkpoint))
+    record = OmegaConf.merge(saved, {"dataset": checked.dataset, "attack": checked.attack, "eval": checked.eval})
+    results = build_results(record, loop, float(state["counter"]["total"]), data.train.n_examples, scores, rt,
+                            checkpoint=str(cfg.checkpoint), world_size=int(state.get("world_size", 1)))
     write_results(results, run_dir / "results.json")
     con.print_results(results)
     con.console.print(f"results: {run_dir / 'results.json'}")

@@ -8,7 +8,6 @@ display or the NaN check asks for numbers, both at a bounded rate.
 from __future__ import annotations
 
 import math
-import signal
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -16,7 +15,7 @@ import torch
 
 from advtrain.engine.context import TrainContext
 from advtrain.engine.optim import lr_factor, set_lr
-from advtrain.engine.signals import Interrupted, catch_signals
+from advtrain.engine.signals import STOP_SIGNALS, Interrupted, catch_signals
 from advtrain.engine.timing import Stopwatch
 
 
@@ -42,20 +41,28 @@ class LoopState:
 def run_epochs(ctx: TrainContext, method, loader, cfg, state: LoopState, *, progress,
                save: Callable[[LoopState], str], on_epoch: Callable[[dict], None],
                periodic_eval: Callable[[], dict] | None) -> LoopState:
-    """Train from `state` to the end. `save(state)` writes a checkpoint and returns its path."""
+    """Train from `state` to the end. `save(state)` writes a checkpoint and returns its path.
+
+    With several ranks every decision that ends or branches the loop (a signal, a NaN, a method's early stop) is
+    agreed on by all ranks at the same step, so no rank waits in a collective for a peer that has left.
+    """
     trainer = cfg.trainer
+    dist = ctx.dist
     watch = Stopwatch(ctx.device, state.train_time_s)
-    with catch_signals(signal.SIGTERM, signal.SIGUSR1) as interrupted, progress:
+    with catch_signals(*STOP_SIGNALS) as interrupted, progress:
         for epoch in range(state.epoch, trainer.epochs):
             ctx.epoch = epoch
             progress.epoch(epoch, state.batch)
             epoch_start_time = watch.elapsed
             watch.start()
             method.epoch_start(ctx)
-            sums = {k: torch.tensor(v, device=ctx.device) for k, v in state.partial_sums.items()}
-            n_seen = state.partial_n
+            # An interrupted epoch's sums so far are global (summed over ranks) and carried by rank 0.
+            carried = state.partial_sums if dist.is_main else {k: 0.0 for k in state.partial_sums}
+            sums = {k: torch.tensor(v, device=ctx.device) for k, v in carried.items()}
+            n_seen = state.partial_n if dist.is_main else 0
             for ctx.batch_idx, batch in enumerate(loader.epoch(epoch, state.batch), start=state.batch):
                 lr = set_lr(ctx.optimizer, cfg.optim.lr, lr_factor(cfg.schedule, ctx.progress))
+                ctx.loss_weight = batch.weight
                 with ctx.autocast():
                     out = method.train_step(batch, ctx)
                 n = len(batch.y)
@@ -64,22 +71,25 @@ def run_epochs(ctx: TrainContext, method, loader, cfg, state: LoopState, *, prog
                 n_seen += n
                 progress.step()
                 steps_done = ctx.batch_idx + 1 - state.batch
-                if steps_done % trainer.nan_check_every == 0:
-                    _check_finite(sums["loss"], epoch, ctx.batch_idx)
+                (signum,) = dist.max([interrupted.signum or 0])
+                if signum or steps_done % trainer.nan_check_every == 0:
+                    _check_finite(sums["loss"], epoch, ctx.batch_idx, dist)
                 if progress.due():
                     progress.show({**{k: float(v) / n_seen for k, v in sums.items()}, "lr": lr,
-                                   "img/s": n_seen / max(watch.peek() - epoch_start_time, 1e-9)})
-                if interrupted:
+                                   "img/s": n_seen * dist.world_size / max(watch.peek() - epoch_start_time, 1e-9)})
+                if signum:
                     watch.stop()
                     state.batch, state.train_time_s = ctx.batch_idx + 1, watch.elapsed
-                    _check_finite(sums["loss"], epoch, ctx.batch_idx)
-                    state.partial_sums, state.partial_n = {k: float(v) for k, v in sums.items()}, n_seen
-                    raise Interrupted(interrupted.signum, save(state))
+                    *totals, total_n = dist.sum([float(v) for v in sums.values()] + [n_seen])
+                    state.partial_sums, state.partial_n = dict(zip(sums, totals)), int(total_n)
+                    raise Interrupted(signum, save(state), interrupted.previous.get(signum))
             state.partial_sums, state.partial_n = {}, 0
-            metrics = {k: float(v) / max(n_seen, 1) for k, v in sums.items()}
+            *totals, n_seen = dist.sum([float(v) for v in sums.values()] + [n_seen])
+            metrics = {k: total / max(n_seen, 1) for k, total in zip(sums, totals)}
             if not math.isfinite(metrics.get("loss", 0.0)):
                 raise TrainingError(_nan_message(epoch, ctx.batch_idx))
             extra = method.epoch_end(ctx, metrics)
+            ctx.stop_reason = next((r for r in dist.gather(ctx.stop_reason) if r is not None), None)
             epoch_time = watch.stop()
             state.train_time_s = watch.elapsed
             state.epoch_times_s.append(epoch_time)
@@ -97,8 +107,9 @@ def run_epochs(ctx: TrainContext, method, loader, cfg, state: LoopState, *, prog
             every = trainer.checkpoint_every
             if state.finished or (every and state.epoch % every == 0):
                 save(state)
-            if interrupted:
-                raise Interrupted(interrupted.signum, save(state))
+            (signum,) = dist.max([interrupted.signum or 0])
+            if signum:
+                raise Interrupted(signum, save(state), interrupted.previous.get(signum))
             if ctx.stop_reason is not None:
                 progress.print(f"stopping early: {ctx.stop_reason}")
                 break
@@ -110,8 +121,9 @@ def trainer_eval_due(cfg, epoch: int) -> bool:
     return bool(every) and (epoch + 1) % every == 0 and epoch + 1 < cfg.trainer.epochs
 
 
-def _check_finite(loss_sum: torch.Tensor, epoch: int, batch: int) -> None:
-    if not torch.isfinite(loss_sum).item():
+def _check_finite(loss_sum: torch.Tensor, epoch: int, batch: int, dist) -> None:
+    (nonfinite,) = dist.max([int(not torch.isfinite(loss_sum).item())])
+    if nonfinite:
         raise TrainingError(_nan_message(epoch, batch))
 
 

@@ -9,6 +9,8 @@ from typing import Callable
 
 import torch
 
+from advtrain.config import ConfigError
+
 
 @dataclass
 class Runtime:
@@ -19,13 +21,21 @@ class Runtime:
     scaler: torch.amp.GradScaler | None
 
 
-def resolve_runtime(cfg) -> Runtime:
+def resolve_accelerator(cfg) -> str:
     accel = cfg.accelerator
     if accel == "auto":
         accel = "cuda" if torch.cuda.is_available() else "cpu"
     if accel == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("trainer.accelerator=cuda but no CUDA device is visible; use trainer.accelerator=cpu")
-    device = torch.device(accel)
+        raise ConfigError("trainer.accelerator=cuda but no CUDA device is visible; use trainer.accelerator=cpu")
+    return accel
+
+
+def resolve_runtime(cfg, local_rank: int = 0) -> Runtime:
+    """`local_rank`: this process's device on its node (one CUDA device per rank)."""
+    accel = resolve_accelerator(cfg)
+    device = torch.device(accel, local_rank) if accel == "cuda" else torch.device(accel)
+    if accel == "cuda":
+        torch.cuda.set_device(device)
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if accel == "cuda" else "fp32"

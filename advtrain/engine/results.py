@@ -38,19 +38,29 @@ def device_name(device: torch.device) -> str:
     return f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
 
 
-def build_results(cfg, state, counter, n_train: int, scores: dict, rt, checkpoint: str) -> dict[str, Any]:
+def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, checkpoint: str,
+                  world_size: int = 1) -> dict[str, Any]:
+    """`passes`: example-passes spent in training, summed over all ranks."""
     examples = n_train * max(state.epoch, 1)
     return {
         "method": cfg.method.name, "dataset": cfg.dataset.name, "arch": cfg.arch.name,
         "epochs": cfg.trainer.epochs, "epochs_run": state.epoch, "seed": cfg.seed,
         "train_time_s": state.train_time_s, "epoch_times_s": list(state.epoch_times_s),
         "images_per_s": examples / max(state.train_time_s, 1e-9),
-        "passes_per_example": counter.total / examples,
+        "passes_per_example": passes / examples,
         "eval": scores, "stop_reason": state.stop_reason,
-        "device": device_name(rt.device), "world_size": 1, "precision": rt.precision,
+        "device": device_name(rt.device), "world_size": world_size, "precision": rt.precision,
         "batch_size": cfg.trainer.batch_size, "eps": cfg.dataset.eps, "checkpoint": checkpoint,
+        # What the final evaluation ran: a rerun of a finished run with the same settings has nothing left to do.
+        "eval_settings": {"attacks": _plain(cfg.get("attack")), "n": cfg.eval.n},
         "versions": versions(), "history": list(state.history),
     }
+
+
+def _plain(value):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
 def write_results(results: dict[str, Any], path: Path) -> None:

@@ -4,16 +4,20 @@ Everything a run writes lives in its run directory: checkpoints/last.pt, results
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from advtrain.data import build_data
 from advtrain.engine.checkpoint import (CheckpointError, build_network, load_checkpoint, model_spec,
                                        save_checkpoint)
 from advtrain.engine.context import TrainContext
+from advtrain.engine.distributed import SINGLE, Dist, rank_seed
 from advtrain.engine.evaluate import evaluate, periodic_suite
 from advtrain.engine.loop import LoopState, run_epochs
 from advtrain.engine.optim import build_optimizer
@@ -21,7 +25,7 @@ from advtrain.engine.precision import resolve_runtime, rng_state, seed_everythin
 from advtrain.engine.results import build_results, write_results
 from advtrain.attacks import PassCounter
 from advtrain.logging import console as con
-from advtrain.logging.wandb_logger import build_logger
+from advtrain.logging.wandb_logger import NullLogger, build_logger
 from advtrain.methods import build_method
 
 # Config keys that shape the training trajectory: a checkpoint resumes only into a run that agrees on all of them.
@@ -31,16 +35,25 @@ TRAJECTORY_KEYS = ("arch", "method", "optim", "schedule", "seed", "trainer.epoch
                    "dataset.n_train", "dataset.noise")
 
 
-def train(cfg, run_dir: Path) -> dict[str, Any]:
-    rt = resolve_runtime(cfg.trainer)
-    seed_everything(cfg.seed, cfg.trainer.deterministic)
+def train(cfg, run_dir: Path, dist: Dist = SINGLE, device_index: int = 0) -> dict[str, Any]:
+    """Train and evaluate on this process's device; with several ranks every rank calls this (see distributed.py).
+    device_index: the CUDA device of a one-process run; a rank uses the one of its local rank."""
+    rt = resolve_runtime(cfg.trainer, dist.local_rank if dist.enabled else device_index)
+    seed_everything(rank_seed(cfg.seed, dist.rank), cfg.trainer.deterministic)
+    con.console.quiet = not dist.is_main  # rank 0 alone prints, logs and writes files
     ckpt_path = run_dir / "checkpoints" / "last.pt"
-    resume_state = _resume_state(cfg, ckpt_path)
     results_path = run_dir / "results.json"
-    data = build_data(cfg.dataset, device=rt.device, seed=cfg.seed, batch_size=cfg.trainer.batch_size)
+    resume_state = _resume_state(cfg, ckpt_path, dist.world_size)
+    if resume_state is not None and resume_state["loop"]["finished"] and _evaluated(results_path, cfg):
+        con.console.print(f"already finished: {results_path} (resume=never starts over)")
+        return json.loads(results_path.read_text())
+    data = build_data(cfg.dataset, device=rt.device, seed=cfg.seed, batch_size=cfg.trainer.batch_size,
+                      rank=dist.rank, world_size=dist.world_size)
     method = build_method(cfg.method, data.info)
     spec = model_spec(cfg, data.info)
     model = build_network(spec, method).to(rt.device)
+    if dist.enabled and cfg.trainer.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model.parameters())
@@ -49,33 +62,46 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
     counter = PassCounter()
     state = LoopState()
     if resume_state is not None:
-        _restore(resume_state, model, optimizer, rt.scaler, method, data.train, counter, state)
+        _restore(resume_state, model, optimizer, rt.scaler, method, data.train, counter, state, dist.rank)
         con.console.print(f"resumed from {cfg.resume if cfg.resume != 'auto' else ckpt_path} at epoch "
                           f"{state.epoch + 1}, batch {state.batch}")
-    run_model = torch.compile(model) if cfg.trainer.compile else model
-    ctx = TrainContext(model=run_model, attack_model=run_model, optimizer=optimizer, scaler=rt.scaler,
+    attack_model = torch.compile(model) if cfg.trainer.compile else model
+    update_model = attack_model
+    if dist.enabled:
+        # Attacks run on the plain module (input-only gradients, no all-reduce); updates run through DDP.
+        ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        update_model = torch.compile(ddp) if cfg.trainer.compile else ddp
+    ctx = TrainContext(model=update_model, attack_model=attack_model, optimizer=optimizer, scaler=rt.scaler,
                        counter=counter, device=rt.device, autocast=rt.autocast, epochs=cfg.trainer.epochs,
-                       batches_per_epoch=len(data.train), fixed_batch=data.train.fixed_batch)
+                       batches_per_epoch=len(data.train), fixed_batch=data.train.fixed_batch, dist=dist)
     ctx.stop_reason = state.stop_reason
     ctx.updates = resume_state["updates"] if resume_state is not None else 0
     method.setup(ctx)
 
     def save(loop_state: LoopState, path: Path = ckpt_path) -> str:
-        save_checkpoint({
-            "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
-            "method": method.state_dict(), "loader": data.train.state_dict(), "rng": rng_state(),
-            "counter": counter.state_dict(), "updates": ctx.updates, "loop": vars(loop_state).copy(),
-            "config": config_yaml, "model_spec": spec,
-        }, path)
+        # Every rank takes part: per-rank state (RNG, method buffers, pass counts) is gathered to rank 0.
+        sync_buffers(model, dist)
+        mine = to_cpu({"method": method.state_dict(), "rng": rng_state(), "counter": counter.state_dict()})
+        ranks = dist.gather(mine)
+        if dist.is_main:
+            save_checkpoint({
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
+                "method": mine["method"], "loader": data.train.state_dict(), "rng": mine["rng"],
+                "counter": {"total": sum(r["counter"]["total"] for r in ranks)}, "updates": ctx.updates,
+                "loop": vars(loop_state).copy(), "config": config_yaml, "model_spec": spec,
+                "world_size": dist.world_size, "ranks": ranks if dist.enabled else None,
+            }, path)
+        dist.barrier()  # no rank moves on (or exits) before the checkpoint is on disk
         return str(path)
 
     monitor_set = data.val if data.val is not None else data.test
     suite = OmegaConf.to_container(cfg.attack) if cfg.get("attack") else {}
 
     def periodic_eval() -> dict:
+        sync_buffers(model, dist)
         scores = evaluate(ctx.attack_model, monitor_set, periodic_suite(suite), n=cfg.eval.every_n,
-                          batch_size=cfg.eval.batch_size, views=method.eval_views(model))
+                          batch_size=cfg.eval.batch_size, views=method.eval_views(model), dist=dist)
         # Model selection on the held-out split only (never on the test set): keep the most robust weights.
         if data.val is not None:
             score = scores[next((k for k in scores if k not in ("n", "clean")), "clean")]
@@ -84,12 +110,12 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
                 save(state, ckpt_path.with_name("best.pt"))
         return scores
 
-    logger = build_logger(cfg.logger, OmegaConf.to_container(cfg), run_dir)
+    logger = build_logger(cfg.logger, OmegaConf.to_container(cfg), run_dir) if dist.is_main else NullLogger()
     exit_code = 1
     try:
         if not state.finished:
-            progress = con.TrainProgress(cfg.trainer.epochs, len(data.train), cfg.trainer.progress,
-                                         cfg.trainer.log_every_s)
+            progress = con.TrainProgress(cfg.trainer.epochs, len(data.train),
+                                         cfg.trainer.progress if dist.is_main else "off", cfg.trainer.log_every_s)
 
             def on_epoch(record: dict) -> None:
                 logger.log(record)
@@ -101,12 +127,15 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
                        periodic_eval=periodic_eval if cfg.eval.every else None)
         con.console.print(f"final evaluation on {cfg.eval.n or data.test.n_examples} test examples: "
                           f"clean, {', '.join(suite) or 'no attacks'}")
+        sync_buffers(model, dist)
         scores = evaluate(model, data.test, suite, n=cfg.eval.n, batch_size=cfg.eval.batch_size,
-                          views=method.eval_views(model),
+                          views=method.eval_views(model), dist=dist,
                           on_progress=lambda line: con.console.print(line, markup=False))
-        results = build_results(cfg, state, counter, data.train.n_examples, scores, rt,
-                                checkpoint=str(ckpt_path))
-        write_results(results, results_path)
+        (passes,) = dist.sum([counter.total])
+        results = build_results(cfg, state, passes, data.train.n_examples, scores, rt,
+                                checkpoint=str(ckpt_path), world_size=dist.world_size)
+        if dist.is_main:
+            write_results(results, results_path)
         logger.log({**{f"eval/{k}": v for k, v in scores.items() if k != "n"}, "train_time_s": state.train_time_s})
         logger.summary({"train_time_s": state.train_time_s, "passes_per_example": results["passes_per_example"],
                         **{f"final/{k}": v for k, v in scores.items()}})
@@ -118,13 +147,47 @@ def train(cfg, run_dir: Path) -> dict[str, Any]:
         logger.finish(exit_code)
 
 
-def _resume_state(cfg, ckpt_path: Path) -> dict | None:
+def _evaluated(results_path: Path, cfg) -> bool:
+    """Whether results.json holds the final evaluation this config asks for."""
+    try:
+        settings = json.loads(results_path.read_text()).get("eval_settings")
+    except (OSError, ValueError):
+        return False
+    suite = OmegaConf.to_container(cfg.attack) if cfg.get("attack") else {}
+    return settings == {"attacks": suite, "n": cfg.eval.n}
+
+
+def sync_buffers(model: nn.Module, dist: Dist) -> None:
+    """Give every rank rank 0's buffers (BN running statistics, which each rank updates from its own shard), so that
+    evaluation shards and checkpoints see one model."""
+    if dist.enabled:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def to_cpu(obj):
+    """A copy of nested containers with every tensor moved to the CPU (to be pickled between ranks)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj
+
+
+def _resume_state(cfg, ckpt_path: Path, world_size: int) -> dict | None:
     if cfg.resume in (None, "never"):
         return None
     path = ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
     if cfg.resume == "auto" and not path.exists():
         return None
     state = load_checkpoint(path)
+    written_by = int(state.get("world_size", 1))
+    if written_by != world_size and not state["loop"]["finished"]:
+        # Each rank's RNG stream and method state (FREE's perturbations, ...) belong to its shard of the data.
+        raise CheckpointError(f"cannot resume from {path}: it was written by {written_by} process(es), this run has "
+                              f"{world_size}; resume with trainer.devices={written_by}")
     saved = OmegaConf.create(state["config"])
     for key in TRAJECTORY_KEYS:
         ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
@@ -138,7 +201,7 @@ def _plain(value):
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
-def _restore(state, model, optimizer, scaler, method, loader, counter, loop: LoopState) -> None:
+def _restore(state, model, optimizer, scaler, method, loader, counter, loop: LoopState, rank: int) -> None:
     try:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
@@ -146,9 +209,11 @@ def _restore(state, model, optimizer, scaler, method, loader, counter, loop: Loo
         raise CheckpointError(f"checkpoint does not match this model: {str(e).splitlines()[0][:200]}") from None
     if scaler is not None and state.get("scaler"):
         scaler.load_state_dict(state["scaler"])
-    method.load_state_dict(state["method"])
+    ranks = state.get("ranks") or []
+    mine = ranks[rank] if rank < len(ranks) else state  # a finished run re-evaluated on another world size
+    method.load_state_dict(mine["method"])
     loader.load_state_dict(state["loader"])
-    counter.load_state_dict(state["counter"])
+    counter.load_state_dict(mine["counter"])
     for k, v in state["loop"].items():
         setattr(loop, k, v)
-    set_rng_state(state["rng"])
+    set_rng_state(mine["rng"])

@@ -56,6 +56,7 @@ class FGSMRS(Method):
                     start="uniform", bn="eval")
         with torch.no_grad(), bn_mode(model, "eval"), ctx.autocast():
             robust_acc = (model(x_adv).argmax(1) == y).float().mean().item()
+        robust_acc = ctx.dist.mean(robust_acc)  # every rank restores (or not) alike, or the replicas would diverge
         if robust_acc - self.prev_robust_acc < -c.guard_drop and self.good_weights is not None:
             model.load_state_dict(self.good_weights)
             ctx.request_stop(f"catastrophic overfitting: guard PGD accuracy fell from {self.prev_robust_acc:.3f} "

@@ -3,6 +3,11 @@
 Attack (BN eval): x' = x + 0.001 N(0, I); `steps` times x' <- Proj(x' + eta sign(grad KL(p(x) || p(x')))), with
 p(x) computed once. Loss (BN train): CE(f(x), y) + beta KL(p(x) || p(x')), batch mean.
 Cost: steps attack passes + 1/3 (the clean forward for p(x)) + 2 (clean and adversarial halves of the update).
+
+The update's forward: `separate` runs f(x) and f(x') as two forwards, as the reference code does, so BN (train mode)
+normalises each half with its own statistics; `joint` runs one forward on the concatenated batch, which DDP needs
+(one forward per backward). `auto` is separate on one device and joint on several; the two agree exactly on models
+without BN.
 """
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +32,15 @@ class TRADES(StepsMethod):
         beta: float = 6.0            # weight of the robustness (KL) term
         init_std: float = 0.001      # std of the Gaussian start, pixel units
         bn: str = "eval"
+        forward: str = "auto"        # auto | separate | joint: the update's forward(s), see above
+
+    def setup(self, ctx):
+        if self.cfg.forward == "separate" and ctx.dist.enabled:
+            from advtrain.config import ConfigError
+
+            raise ConfigError("method.forward=separate needs one device: DDP allows one forward per backward; use "
+                              "method.forward=joint (or auto) with trainer.devices > 1")
+        self.joint = self.cfg.forward == "joint" or (self.cfg.forward == "auto" and ctx.dist.enabled)
 
     def train_step(self, batch, ctx):
         c, n = self.cfg, len(batch.y)
@@ -35,8 +49,10 @@ class TRADES(StepsMethod):
         ctx.counter.add(n, 1 / 3)
         x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=c.eps, alpha=c.alpha, steps=self.steps, loss="kl",
                     target=p_clean, start="normal" if self.steps > 0 else "none", bn=c.bn, counter=ctx.counter)
-        # Two forwards, as the reference code does: BN (train mode) normalises each half with its own statistics.
-        logits_clean, logits_adv = ctx.model(batch.x).float(), ctx.model(x_adv).float()
+        if self.joint:
+            logits_clean, logits_adv = ctx.model(torch.cat([batch.x, x_adv])).float().split(n)
+        else:
+            logits_clean, logits_adv = ctx.model(batch.x).float(), ctx.model(x_adv).float()
         natural = F.cross_entropy(logits_clean, batch.y)
         robust = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1), reduction="batchmean")
         loss = natural + c.beta * robust
