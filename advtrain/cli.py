@@ -12,7 +12,6 @@ its checkpoint. ADVTRAIN_DEBUG=1 (or HYDRA_FULL_ERROR=1) shows the full tracebac
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +20,7 @@ import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
+from advtrain.engine.launch import discard_fresh_run_dir
 from advtrain.errors import USER_ERRORS, describe_hydra_error
 from advtrain.sweep import register_resolvers
 
@@ -44,20 +44,11 @@ def _one_line_errors(task):
         except USER_ERRORS as e:
             if _debug():
                 raise
-            _discard_fresh_run_dir()
+            discard_fresh_run_dir()
             _exit(f"error: {e}", 2)
 
     wrapped.__name__, wrapped.__doc__ = task.__name__, task.__doc__
     return wrapped
-
-
-def _discard_fresh_run_dir() -> None:
-    """A run that failed before writing anything of its own leaves no folder behind: only Hydra's files were in it."""
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    hydra_files = {str(hydra_cfg.output_subdir), f"{hydra_cfg.job.name}.log"}
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= hydra_files:
-        shutil.rmtree(run_dir)
 
 
 def _program() -> str:

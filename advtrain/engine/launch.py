@@ -60,15 +60,22 @@ def _join(cfg, run_dir: Path, world: World) -> dict[str, Any]:
     try:
         shared = Path(dist.broadcast(str(run_dir.resolve())))
         if shared != run_dir.resolve():
-            _discard_hydra_only_dir(run_dir)
+            discard_fresh_run_dir()
         return train(cfg, shared, dist)
     finally:
         destroy()
 
 
-def _discard_hydra_only_dir(run_dir: Path) -> None:
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= {".hydra", "advtrain.log"}:
-        shutil.rmtree(run_dir, ignore_errors=True)
+def discard_fresh_run_dir() -> None:
+    """Remove this Hydra job's run folder if only Hydra's own files are in it (a run that failed before writing
+    anything, or a rank that adopted rank 0's folder)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    hydra_files = {str(hydra_cfg.output_subdir), f"{hydra_cfg.job.name}.log"}
+    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= hydra_files:
+        shutil.rmtree(run_dir)
 
 
 def spawn(cfg, run_dir: Path, n: int, hydra_cfg=None) -> dict[str, Any]:

@@ -52,15 +52,21 @@ def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, che
         "device": device_name(rt.device), "world_size": world_size, "precision": rt.precision,
         "batch_size": cfg.trainer.batch_size, "eps": cfg.dataset.eps, "checkpoint": checkpoint,
         # What the final evaluation ran: a rerun of a finished run with the same settings has nothing left to do.
-        "eval_settings": {"attacks": _plain(cfg.get("attack")), "n": cfg.eval.n},
+        "eval_settings": eval_settings(cfg),
         "versions": versions(), "history": list(state.history),
     }
 
 
-def _plain(value):
+def attack_suite(cfg) -> dict:
+    """The final evaluation's attacks, name -> spec, as plain data."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    return OmegaConf.to_container(cfg.attack) if cfg.get("attack") else {}
+
+
+def eval_settings(cfg) -> dict:
+    """What the final evaluation runs; results.json records it so that a finished run is not evaluated again."""
+    return {"attacks": attack_suite(cfg), "n": cfg.eval.n}
 
 
 def write_results(results: dict[str, Any], path: Path) -> None:

@@ -22,7 +22,7 @@ from advtrain.engine.evaluate import evaluate, periodic_suite
 from advtrain.engine.loop import LoopState, run_epochs
 from advtrain.engine.optim import build_optimizer
 from advtrain.engine.precision import resolve_runtime, rng_state, seed_everything, set_rng_state
-from advtrain.engine.results import build_results, write_results
+from advtrain.engine.results import attack_suite, build_results, eval_settings, write_results
 from advtrain.attacks import PassCounter
 from advtrain.logging import console as con
 from advtrain.logging.wandb_logger import NullLogger, build_logger
@@ -96,7 +96,7 @@ def train(cfg, run_dir: Path, dist: Dist = SINGLE, device_index: int = 0) -> dic
         return str(path)
 
     monitor_set = data.val if data.val is not None else data.test
-    suite = OmegaConf.to_container(cfg.attack) if cfg.get("attack") else {}
+    suite = attack_suite(cfg)
 
     def periodic_eval() -> dict:
         sync_buffers(model, dist)
@@ -153,8 +153,7 @@ def _evaluated(results_path: Path, cfg) -> bool:
         settings = json.loads(results_path.read_text()).get("eval_settings")
     except (OSError, ValueError):
         return False
-    suite = OmegaConf.to_container(cfg.attack) if cfg.get("attack") else {}
-    return settings == {"attacks": suite, "n": cfg.eval.n}
+    return settings == eval_settings(cfg)
 
 
 def sync_buffers(model: nn.Module, dist: Dist) -> None:
