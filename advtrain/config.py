@@ -45,7 +45,9 @@ CHOICES = {
     "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
     "trainer.channels_last": ("auto", "true", "false"),
     "trainer.progress": ("auto", "bar", "lines", "off"),
+    "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
     "optim.name": ("sgd", "adam"),
+    "optim.impl": ("auto", "fused", "foreach", "loop"),
     "schedule.name": ("constant", "piecewise", "cosine", "cyclic"),
     "logger.name": ("wandb", "none"),
     "logger.mode": ("auto", "online", "offline", "disabled"),
@@ -150,7 +152,8 @@ def _check_method(section: Any) -> dict:
 
 
 METHOD_CHOICES = {"bn": ("eval", "train", "keep"), "start": ("uniform", "uniform_raw", "none"),
-                  "forward": ("auto", "separate", "joint")}
+                  "forward": ("auto", "separate", "joint"), "rule": ("fixed", "accuracy", "magnitude"),
+                  "steps_schedule": ("none", "magnitude")}
 
 
 def _check_attacks(section: Any) -> dict:

@@ -58,6 +58,7 @@ class OptimConfig:
     nesterov: bool = False                   # sgd
     weight_decay: float = 5e-4
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])  # adam
+    impl: str = "auto"                       # parameter-update kernels: auto | fused | foreach | loop
 
 
 @dataclass
@@ -80,6 +81,7 @@ class TrainerConfig:
     precision: str = "auto"                  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: str = "auto"              # auto (on CUDA) | true | false
     compile: bool = False
+    compile_mode: str = "default"            # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     deterministic: bool = False
     checkpoint_every: int = 1                # epochs between checkpoints; 0 = only at the end
     nan_check_every: int = 50                # steps between finiteness checks of the loss (each one syncs)

@@ -9,6 +9,8 @@
 eps and alpha are in pixel units of [0,1]. Only the input gradient is asked of autograd, so weight .grad buffers
 are never touched and the attack costs no weight-gradient work.
 """
+from typing import Callable
+
 import torch
 from torch import Tensor, nn
 
@@ -18,18 +20,28 @@ from .modes import bn_mode
 from .passes import FORWARD, PassCounter
 
 
+def input_gradient(loss: Tensor, x: Tensor) -> Tensor:
+    """d loss / d x alone: autograd skips every weight gradient, so an attack step costs about 2/3 of a training pass.
+    (scripts/bench.py swaps this for the papers' loss.backward() to measure what that saves.)"""
+    (grad,) = torch.autograd.grad(loss, x)
+    return grad
+
+
 def _rows(mask: Tensor, like: Tensor) -> Tensor:
     return mask.view(-1, *([1] * (like.dim() - 1)))
 
 
-def _ascend(model, x, y, target, loss_fn, eps, alpha, steps, norm, start, counter, record_best) -> Tensor:
+def _ascend(model, x, y, target, loss_fn, eps, alpha, steps, norm, start, counter, record_best,
+            last_grad) -> Tensor:
     """One run of `steps` projected ascent steps from a fresh start point."""
     x_adv = random_init(x, eps, norm, start)
     best, best_loss = x_adv, torch.full((len(x),), float('-inf'), device=x.device)
-    for _ in range(steps):
+    for i in range(steps):
         x_adv = x_adv.detach().requires_grad_(True)  # a fresh leaf: `best` may still hold the previous tensor
         loss = loss_fn(model(x_adv), y, target)
-        grad, = torch.autograd.grad(loss.sum(), x_adv)
+        grad = input_gradient(loss.sum(), x_adv)
+        if last_grad is not None and i == steps - 1:
+            last_grad(grad)
         x_adv = x_adv.detach()
         if record_best:
             better = loss.detach() > best_loss
@@ -58,7 +70,7 @@ def _misclassified(model: nn.Module, x_adv: Tensor, y: Tensor, counter: PassCoun
 def pgd(model: nn.Module, x: Tensor, y: Tensor | None, *, eps: float, alpha: float, steps: int,
         norm: str = 'linf', loss: str = 'ce', start: str = 'uniform', restarts: int = 1,
         target: Tensor | None = None, bn: str = 'eval', counter: PassCounter | None = None,
-        record_best: bool = False) -> Tensor:
+        record_best: bool = False, last_grad: Callable[[Tensor], None] | None = None) -> Tensor:
     """Projected gradient ascent on `loss` inside the eps ball; returns a detached x_adv in the ball and in [0,1].
 
     loss 'ce' / 'cw' need labels y; 'kl' needs target = p(x) on the clean input (TRADES). record_best returns, per
@@ -66,6 +78,8 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor | None, *, eps: float, alpha: flo
     example, the first restart's point that the model misclassifies, else the last restart's: an example is robust
     only if every restart fails. counter gets steps passes per example per restart, plus 1/3 per example for each
     misclassification check (after every restart but the last, whose outcome cannot change the choice).
+    last_grad, if given, receives each restart's last input gradient (of the summed per-example loss): DEAT's
+    magnitude schedule sums its |.| over an epoch.
     """
     check_norm(norm)
     loss_fn = get_loss(loss)
@@ -81,7 +95,8 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor | None, *, eps: float, alpha: flo
     x_adv = fooled = None  # fooled, per example: has an earlier restart's point already been misclassified?
     with bn_mode(model, bn), torch.enable_grad():
         for r in range(restarts):
-            candidate = _ascend(model, x, y, target, loss_fn, eps, alpha, steps, norm, start, counter, record_best)
+            candidate = _ascend(model, x, y, target, loss_fn, eps, alpha, steps, norm, start, counter, record_best,
+                                last_grad)
             x_adv = candidate if x_adv is None else torch.where(_rows(fooled, x), x_adv, candidate)
             if r < restarts - 1:
                 hit = _misclassified(model, candidate, y, counter)

@@ -61,14 +61,8 @@ def run_epochs(ctx: TrainContext, method, loader, cfg, state: LoopState, *, prog
             sums = {k: torch.tensor(v, device=ctx.device) for k, v in carried.items()}
             n_seen = state.partial_n if dist.is_main else 0
             for ctx.batch_idx, batch in enumerate(loader.epoch(epoch, state.batch), start=state.batch):
-                lr = set_lr(ctx.optimizer, cfg.optim.lr, lr_factor(cfg.schedule, ctx.progress))
-                ctx.loss_weight = batch.weight
-                with ctx.autocast():
-                    out = method.train_step(batch, ctx)
-                n = len(batch.y)
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + v.float() * n
-                n_seen += n
+                lr = train_batch(ctx, method, batch, cfg, sums)
+                n_seen += len(batch.y)
                 progress.step()
                 steps_done = ctx.batch_idx + 1 - state.batch
                 (signum,) = dist.max([interrupted.signum or 0])
@@ -114,6 +108,19 @@ def run_epochs(ctx: TrainContext, method, loader, cfg, state: LoopState, *, prog
                 progress.print(f"stopping early: {ctx.stop_reason}")
                 break
     return state
+
+
+def train_batch(ctx: TrainContext, method, batch, cfg, sums: dict) -> float:
+    """One minibatch: the LR for this point of training, the method's step under autocast, and the step's metrics
+    added to `sums` (device tensors, weighted by rows: no host sync). Returns the LR used."""
+    lr = set_lr(ctx.optimizer, cfg.optim.lr, lr_factor(cfg.schedule, ctx.progress))
+    ctx.loss_weight = batch.weight
+    with ctx.autocast():
+        out = method.train_step(batch, ctx)
+    n = len(batch.y)
+    for k, v in out.items():
+        sums[k] = sums.get(k, 0.0) + v.float() * n
+    return lr
 
 
 def trainer_eval_due(cfg, epoch: int) -> bool:

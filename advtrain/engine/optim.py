@@ -11,12 +11,24 @@ import math
 import torch
 
 
-def build_optimizer(cfg, params) -> torch.optim.Optimizer:
-    # foreach kernels batch the parameter updates into a few launches (fused is CUDA-only for some optimizers).
+def build_optimizer(cfg, params, device: torch.device | None = None) -> torch.optim.Optimizer:
+    kernels = _kernels(cfg.get("impl", "auto"), device)
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay, foreach=True)
-    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, foreach=True)
+                               weight_decay=cfg.weight_decay, **kernels)
+    return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernels)
+
+
+def resolve_impl(impl: str, device: torch.device | None) -> str:
+    """`auto` takes what scripts/bench.py measured fastest (docs/performance.md)."""
+    return "foreach" if impl == "auto" else impl
+
+
+def _kernels(impl: str, device: torch.device | None) -> dict:
+    """How parameter updates are launched: `loop` one small kernel chain per tensor (the papers' code), `foreach`
+    batched over all tensors, `fused` one kernel doing the whole update."""
+    impl = resolve_impl(impl, device)
+    return {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
 
 
 def lr_factor(cfg, progress: float) -> float:

@@ -5,6 +5,7 @@ Everything a run writes lives in its run directory: checkpoints/last.pt, results
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from advtrain.data import build_data
+from advtrain.data import Data, build_data
 from advtrain.engine.checkpoint import (CheckpointError, build_network, load_checkpoint, model_spec,
                                        save_checkpoint)
 from advtrain.engine.context import TrainContext
@@ -21,12 +22,13 @@ from advtrain.engine.distributed import SINGLE, Dist, rank_seed
 from advtrain.engine.evaluate import evaluate, periodic_suite
 from advtrain.engine.loop import LoopState, run_epochs
 from advtrain.engine.optim import build_optimizer
-from advtrain.engine.precision import resolve_runtime, rng_state, seed_everything, set_rng_state
+from advtrain.engine.precision import Runtime, resolve_runtime, rng_state, seed_everything, set_rng_state
 from advtrain.engine.results import attack_suite, build_results, eval_settings, write_results
 from advtrain.attacks import PassCounter
 from advtrain.logging import console as con
 from advtrain.logging.wandb_logger import NullLogger, build_logger
 from advtrain.methods import build_method
+from advtrain.methods.base import Method
 
 # Config keys that shape the training trajectory: a checkpoint resumes only into a run that agrees on all of them.
 TRAJECTORY_KEYS = ("arch", "method", "optim", "schedule", "seed", "trainer.epochs", "trainer.batch_size",
@@ -47,16 +49,8 @@ def train(cfg, run_dir: Path, dist: Dist = SINGLE, device_index: int = 0) -> dic
     if resume_state is not None and resume_state["loop"]["finished"] and _evaluated(results_path, cfg):
         con.console.print(f"already finished: {results_path} (resume=never starts over)")
         return json.loads(results_path.read_text())
-    data = build_data(cfg.dataset, device=rt.device, seed=cfg.seed, batch_size=cfg.trainer.batch_size,
-                      rank=dist.rank, world_size=dist.world_size)
-    method = build_method(cfg.method, data.info)
-    spec = model_spec(cfg, data.info)
-    model = build_network(spec, method).to(rt.device)
-    if dist.enabled and cfg.trainer.sync_bn:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, model.parameters())
+    parts = build_parts(cfg, rt, dist)
+    data, method, spec, model, optimizer = parts.data, parts.method, parts.spec, parts.model, parts.optimizer
     config_yaml = OmegaConf.to_yaml(cfg)
     con.print_config(config_yaml)
     counter = PassCounter()
@@ -65,15 +59,7 @@ def train(cfg, run_dir: Path, dist: Dist = SINGLE, device_index: int = 0) -> dic
         _restore(resume_state, model, optimizer, rt.scaler, method, data.train, counter, state, dist.rank)
         con.console.print(f"resumed from {cfg.resume if cfg.resume != 'auto' else ckpt_path} at epoch "
                           f"{state.epoch + 1}, batch {state.batch}")
-    attack_model = torch.compile(model) if cfg.trainer.compile else model
-    update_model = attack_model
-    if dist.enabled:
-        # Attacks run on the plain module (input-only gradients, no all-reduce); updates run through DDP.
-        ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
-        update_model = torch.compile(ddp) if cfg.trainer.compile else ddp
-    ctx = TrainContext(model=update_model, attack_model=attack_model, optimizer=optimizer, scaler=rt.scaler,
-                       counter=counter, device=rt.device, autocast=rt.autocast, epochs=cfg.trainer.epochs,
-                       batches_per_epoch=len(data.train), fixed_batch=data.train.fixed_batch, dist=dist)
+    ctx = build_context(cfg, parts, counter, dist)
     ctx.stop_reason = state.stop_reason
     ctx.updates = resume_state["updates"] if resume_state is not None else 0
     method.setup(ctx)
@@ -145,6 +131,50 @@ def train(cfg, run_dir: Path, dist: Dist = SINGLE, device_index: int = 0) -> dic
         return results
     finally:
         logger.finish(exit_code)
+
+
+@dataclass
+class Parts:
+    """What a run trains: built once per process, before any checkpoint is restored into it."""
+    rt: Runtime
+    data: Data
+    method: Method
+    spec: dict                        # what load_model needs to rebuild the network
+    model: nn.Module                  # the plain module (channels_last / SyncBN applied)
+    optimizer: torch.optim.Optimizer
+
+
+def build_parts(cfg, rt: Runtime, dist: Dist = SINGLE) -> Parts:
+    data = build_data(cfg.dataset, device=rt.device, seed=cfg.seed, batch_size=cfg.trainer.batch_size,
+                      rank=dist.rank, world_size=dist.world_size)
+    method = build_method(cfg.method, data.info)
+    spec = model_spec(cfg, data.info)
+    model = build_network(spec, method).to(rt.device)
+    if dist.enabled and cfg.trainer.sync_bn:
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(cfg.optim, model.parameters(), rt.device)
+    return Parts(rt, data, method, spec, model, optimizer)
+
+
+def build_context(cfg, parts: Parts, counter: PassCounter, dist: Dist = SINGLE) -> TrainContext:
+    """The model as the method sees it: compiled if asked; updates through DDP with several ranks, while attacks run
+    on the plain module (input-only gradients, so no gradient all-reduce per attack step)."""
+    model, rt = parts.model, parts.rt
+    trainer = cfg.trainer
+
+    def compiled(module: nn.Module) -> nn.Module:
+        # reduce-overhead adds CUDA graphs: it pays where kernel launches, not FLOPs, bound the step.
+        return torch.compile(module, mode=trainer.compile_mode) if trainer.compile else module
+
+    attack_model = update_model = compiled(model)
+    if dist.enabled:
+        ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        update_model = compiled(ddp)
+    return TrainContext(model=update_model, attack_model=attack_model, optimizer=parts.optimizer, scaler=rt.scaler,
+                        counter=counter, device=rt.device, autocast=rt.autocast, epochs=cfg.trainer.epochs,
+                        batches_per_epoch=len(parts.data.train), fixed_batch=parts.data.train.fixed_batch, dist=dist)
 
 
 def _evaluated(results_path: Path, cfg) -> bool:

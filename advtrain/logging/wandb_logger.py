@@ -76,6 +76,7 @@ class WandbLogger:
         self.run.define_metric("epoch")
         self.run.define_metric("train_time_s")
         self.run.define_metric("train/*", step_metric="epoch")
+        self.run.define_metric("method/*", step_metric="epoch")  # schedules (DEAT's r, G, threshold), guards
         self.run.define_metric("eval/*", step_metric="train_time_s")
 
     def log(self, metrics: Mapping[str, Any]) -> None:

@@ -21,6 +21,9 @@ from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 import torch
 from torch import Tensor, nn
 
+from advtrain.attacks import pgd
+from advtrain.methods.schedules import GradMagnitude, MagnitudeRule
+
 if TYPE_CHECKING:
     from advtrain.data import DatasetInfo
     from advtrain.data import Batch
@@ -75,21 +78,48 @@ class Method:
 
 
 class StepsMethod(Method):
-    """A method with a K-step attack per batch. K is state, not config: a schedule (DEAT's magnitude rule) may change
-    it between epochs, checkpoints carry it, and every epoch logs it."""
+    """A method with a K-step attack per batch. K is state, not config: a schedule may change it between epochs,
+    checkpoints carry it, and every epoch logs it.
+
+    steps_schedule=magnitude is DEAT's "M+" acceleration: K = 0 (clean training) in epoch 0, then 1, then one more
+    after each epoch whose G (|input gradient| of the attacks' last steps, summed over the epoch) exceeds the
+    threshold, or while alpha * K < eps; `steps` is the most K grows to (advtrain.methods.schedules).
+    """
 
     def __init__(self, cfg: Any, info: DatasetInfo):
         super().__init__(cfg, info)
         self.steps = cfg.steps
+        self.schedule: MagnitudeRule | None = None
+        if getattr(cfg, "steps_schedule", "none") == "magnitude":  # older checkpoints' configs lack the key
+            self.schedule = MagnitudeRule(start=0, most=cfg.steps, gamma=cfg.gamma, alpha=cfg.alpha, eps=cfg.eps)
+            self.steps = self.schedule.count
+            self.grad_mag = GradMagnitude()
+
+    def attack(self, ctx: TrainContext, x: Tensor, y: Tensor | None, **kwargs) -> Tensor:
+        """The method's PGD with the current K; under a schedule, its last step's gradient also feeds G."""
+        c = self.cfg
+        common = dict(eps=c.eps, alpha=c.alpha, steps=self.steps, bn=c.bn, counter=ctx.counter, **kwargs)
+        last_grad = None if self.schedule is None else self.grad_mag.add
+        return pgd(ctx.attack_model, x, y, last_grad=last_grad, **common)
 
     def epoch_end(self, ctx: TrainContext, metrics: dict[str, float]) -> dict[str, float]:
-        return {"attack_steps": float(self.steps)}
+        used = {"attack_steps": float(self.steps)}
+        if self.schedule is None:
+            return used
+        g, threshold = self.grad_mag.read(ctx.dist), self.schedule.threshold
+        self.steps = self.schedule.after_epoch(ctx.epoch, g=g)
+        return {**used, "G": g, **({} if threshold is None else {"threshold": threshold})}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps}
+        if self.schedule is None:
+            return {"steps": self.steps}
+        return {"steps": self.steps, "schedule": self.schedule.state_dict(), "G": self.grad_mag.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.steps = int(state["steps"])
+        if self.schedule is not None:
+            self.schedule.load_state_dict(state["schedule"])
+            self.grad_mag.load_state_dict(state["G"])
 
 
 def cross_entropy_update(ctx: TrainContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:

@@ -7,17 +7,18 @@ T/m epochs to spend what T epochs of natural training cost. The LR schedule foll
 shape over the run is the paper's, whose schedule counts replays.
 Cost: m passes per example per epoch.
 
-The buffer is as large as a full batch; a smaller last batch uses its first rows. Replays go through the update's
-forward, so BN is in train mode while attacking (the method's definition, not a setting).
+The buffer is as large as a full batch; a smaller last batch uses its first rows. The replays are the engine DEAT
+shares (advtrain.methods.replay): they go through the update's forward, so BN is in train mode while attacking (the
+method's definition, not a setting).
 """
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
 
 from advtrain.schema import pixel
-from advtrain.methods.base import Method, accuracy
+from advtrain.methods.base import Method
+from advtrain.methods.replay import replay
 
 
 class FreeAT(Method):
@@ -40,19 +41,10 @@ class FreeAT(Method):
         step = eps if self.cfg.step is None else self.cfg.step
         if self.delta is None or self.delta.shape[1:] != x.shape[1:] or len(self.delta) < n:
             self.delta = torch.zeros_like(x)
-        totals = {"loss": torch.zeros((), device=x.device), "acc": torch.zeros((), device=x.device)}
-        for _ in range(self.cfg.replays):
-            delta = self.delta[:n].clone().requires_grad_(True)
-            logits = ctx.model((x + delta).clamp(0, 1))
-            loss = nn.functional.cross_entropy(logits, y)
-            (grad,) = ctx.update(loss, inputs=(delta,))
-            with torch.no_grad():
-                new = (delta + step * grad.sign()).clamp(-eps, eps)
-                self.delta[:n] = (x + new).clamp(0, 1) - x
-            totals["loss"] += loss.detach()
-            totals["acc"] += accuracy(logits, y)
-        ctx.counter.add(n, self.cfg.replays)
-        return {k: v / self.cfg.replays for k, v in totals.items()}
+        self.delta = self.delta.to(x.device)  # checkpoints load onto the CPU
+        out = replay(ctx, x, y, self.delta[:n], replays=self.cfg.replays, step=step, eps=eps)
+        self.delta[:n] = out.delta
+        return {"loss": out.loss, "acc": out.acc}
 
     def state_dict(self):
         return {"delta": self.delta}

@@ -2,12 +2,12 @@
 
 Per batch: delta_0 ~ U(-eps, eps); `steps` times delta <- Proj(delta + alpha * sign(grad_delta CE)); one update on
 CE(f(x + delta)). The attack takes input-only gradients through the plain module, with BN in `bn` mode.
-Cost: steps + 1 passes per example.
+Cost: steps + 1 passes per example. steps_schedule=magnitude grows K during training from 0 (clean training) up to
+`steps`, by DEAT's magnitude rule (advtrain.methods.base.StepsMethod).
 """
 from dataclasses import dataclass
 from typing import Any
 
-from advtrain.attacks import pgd
 from advtrain.schema import pixel
 from advtrain.methods.base import StepsMethod, cross_entropy_update
 
@@ -20,12 +20,12 @@ class PGDAT(StepsMethod):
         name: str = "pgd"
         eps: Any = pixel()           # L-inf radius, [0,1] pixel units
         alpha: Any = pixel()         # step size, pixel units
-        steps: int = 10              # K attack steps per batch
+        steps: int = 10              # K attack steps per batch; under steps_schedule=magnitude the most K grows to
         start: str = "uniform"       # uniform | none
         bn: str = "eval"             # BN mode while attacking: eval | train
+        steps_schedule: str = "none" # none | magnitude (M+: K = 0, 1, ... grows by G, up to steps)
+        gamma: float = 1.01          # steps_schedule=magnitude: threshold = gamma * G of the last increase
 
     def train_step(self, batch, ctx):
-        c = self.cfg
-        x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=c.eps, alpha=c.alpha, steps=self.steps,
-                    start=c.start if self.steps > 0 else "none", bn=c.bn, counter=ctx.counter)
+        x_adv = self.attack(ctx, batch.x, batch.y, start=self.cfg.start if self.steps > 0 else "none")
         return cross_entropy_update(ctx, x_adv, batch.y)

@@ -3,6 +3,8 @@
 Attack (BN eval): x' = x + 0.001 N(0, I); `steps` times x' <- Proj(x' + eta sign(grad KL(p(x) || p(x')))), with
 p(x) computed once. Loss (BN train): CE(f(x), y) + beta KL(p(x) || p(x')), batch mean.
 Cost: steps attack passes + 1/3 (the clean forward for p(x)) + 2 (clean and adversarial halves of the update).
+With steps = 0 (the first epoch under steps_schedule=magnitude) x' = x, the KL term and its gradient vanish, and
+the step is one clean CE update: 1 pass.
 
 The update's forward: `separate` runs f(x) and f(x') as two forwards, as the reference code does, so BN (train mode)
 normalises each half with its own statistics; `joint` runs one forward on the concatenated batch, which DDP needs
@@ -15,9 +17,9 @@ from typing import Any
 import torch
 from torch.nn import functional as F
 
-from advtrain.attacks import bn_mode, pgd
+from advtrain.attacks import bn_mode
 from advtrain.schema import pixel
-from advtrain.methods.base import StepsMethod, accuracy
+from advtrain.methods.base import StepsMethod, accuracy, cross_entropy_update
 
 
 class TRADES(StepsMethod):
@@ -28,11 +30,13 @@ class TRADES(StepsMethod):
         name: str = "trades"
         eps: Any = pixel()
         alpha: Any = pixel()         # eta, the attack step size
-        steps: int = 10
+        steps: int = 10              # K; under steps_schedule=magnitude the most K grows to
         beta: float = 6.0            # weight of the robustness (KL) term
         init_std: float = 0.001      # std of the Gaussian start, pixel units
         bn: str = "eval"
         forward: str = "auto"        # auto | separate | joint: the update's forward(s), see above
+        steps_schedule: str = "none" # none | magnitude (M+: K = 0, 1, ... grows by G, up to steps)
+        gamma: float = 1.01          # steps_schedule=magnitude: threshold = gamma * G of the last increase
 
     def setup(self, ctx):
         if self.cfg.forward == "separate" and ctx.dist.enabled:
@@ -44,11 +48,13 @@ class TRADES(StepsMethod):
 
     def train_step(self, batch, ctx):
         c, n = self.cfg, len(batch.y)
+        if self.steps == 0:
+            out = cross_entropy_update(ctx, batch.x, batch.y)
+            return {**out, "robust_kl": torch.zeros((), device=batch.x.device)}
         with torch.no_grad(), bn_mode(ctx.attack_model, c.bn):
             p_clean = F.softmax(ctx.attack_model(batch.x).float(), dim=1)
         ctx.counter.add(n, 1 / 3)
-        x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=c.eps, alpha=c.alpha, steps=self.steps, loss="kl",
-                    target=p_clean, start="normal" if self.steps > 0 else "none", bn=c.bn, counter=ctx.counter)
+        x_adv = self.attack(ctx, batch.x, batch.y, loss="kl", target=p_clean, start="normal")
         if self.joint:
             logits_clean, logits_adv = ctx.model(torch.cat([batch.x, x_adv])).float().split(n)
         else:

@@ -1,0 +1,56 @@
+"""Minibatch replay, the engine FREE-AT and DEAT share.
+
+A minibatch is replayed r times. Each replay is ONE pass through the update's model on clamp(x + delta, 0, 1): its
+backward yields the weight gradient (one optimizer step) and, from the same pass, the input gradient that moves the
+perturbation: delta <- Proj(delta + step * sign(grad_delta)), Proj onto {|delta|_inf <= eps} and {x + delta in
+[0,1]}. The methods differ only in where delta starts (FREE: its buffer, carried across minibatches; DEAT: a fresh
+uniform draw) and in how r is chosen.
+Cost: r passes per example. BN is in train mode while "attacking", since the attack is the update's own pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from advtrain.methods.base import accuracy
+
+if TYPE_CHECKING:
+    from advtrain.engine.context import TrainContext
+
+
+@dataclass
+class Replayed:
+    delta: Tensor       # after the last replay's step: where a carried buffer continues
+    loss: Tensor        # CE averaged over the replays (detached scalars, like every metric)
+    acc: Tensor
+    last_loss: Tensor   # the last replay's: the strongest perturbation this minibatch trained on
+    last_acc: Tensor
+    grad: Tensor        # the last replay's input gradient of the batch-mean CE, unscaled (M-DEAT's G)
+
+
+def replay(ctx: TrainContext, x: Tensor, y: Tensor, delta: Tensor, *, replays: int, step: float,
+           eps: float) -> Replayed:
+    """`replays` (>= 1) updates on (x, y), starting from `delta` (not written to)."""
+    loss_sum = torch.zeros((), device=x.device)
+    acc_sum = torch.zeros((), device=x.device)
+    delta = delta.detach().clone()
+    for _ in range(replays):
+        delta.requires_grad_(True)
+        logits = ctx.model((x + delta).clamp(0, 1))
+        loss = F.cross_entropy(logits, y)
+        (grad,) = ctx.update(loss, inputs=(delta,))
+        # A pass whose fp16-scaled gradients overflowed (the scaler skips its weight update) has inf/NaN entries:
+        # zeroed, they neither reach G nor move delta. Finite gradients pass unchanged.
+        grad = torch.nan_to_num(grad, nan=0.0, posinf=0.0, neginf=0.0)
+        with torch.no_grad():
+            stepped = (delta + step * grad.sign()).clamp(-eps, eps)
+            delta = (x + stepped).clamp(0, 1) - x
+        last_loss, last_acc = loss.detach(), accuracy(logits, y)
+        loss_sum += last_loss
+        acc_sum += last_acc
+    ctx.counter.add(len(y), replays)
+    return Replayed(delta, loss_sum / replays, acc_sum / replays, last_loss, last_acc, grad)
