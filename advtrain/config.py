@@ -153,7 +153,7 @@ def _check_method(section: Any) -> dict:
 
 METHOD_CHOICES = {"bn": ("eval", "train", "keep"), "start": ("uniform", "uniform_raw", "none"),
                   "forward": ("auto", "separate", "joint"), "rule": ("fixed", "accuracy", "magnitude"),
-                  "steps_schedule": ("none", "magnitude")}
+                  "steps_schedule": ("none", "magnitude"), "exact_at": ("spread", "first")}
 
 
 def _check_attacks(section: Any) -> dict:

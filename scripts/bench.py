@@ -7,8 +7,9 @@
 
 Positional arguments are advtrain config overrides, exactly as `advtrain` takes them (dataset=synthetic, logger=none
 and no evaluation attacks unless overridden; synthetic data is sized to the steps measured). Every row is measured
-in this one process, on the same data and the same initial weights, one after another, so compare rows within a run:
-the ratios are the result, the absolute numbers belong to this machine and load.
+in this one process, on the same data and the same initial weights, the rows taking turns in timed windows (the
+median window counts), so compare rows within a run: the ratios are the result, the absolute numbers belong to this
+machine and its load.
 
 Rows: `fast path` is what `advtrain` runs with these overrides; `reference` is scripts/bench_reference.py (the
 papers' way); with --ablate, each further row switches ONE fast-path feature (to its opposite) and reports its

@@ -66,7 +66,7 @@ def test_eval_command_writes_the_same_results_fields(trained, tmp_path):
 def test_help_lists_groups_and_options(tmp_path):
     proc = run_cli(["--help"], cwd=tmp_path)
     assert proc.returncode == 0
-    for line in ("method: deat, fgsm_rs, free, natural, pgd, trades", "attack: autoattack, cw, fgsm, pgd20, pgd50",
+    for line in ("method: deat, fgsm_rs, free, gaat, natural, pgd, trades", "attack: autoattack, cw, fgsm, pgd20, pgd50",
                  "experiment: cifar10_fgsm_rs_wong2020"):
         assert line in proc.stdout
 

@@ -9,7 +9,7 @@
 eps and alpha are in pixel units of [0,1]. Only the input gradient is asked of autograd, so weight .grad buffers
 are never touched and the attack costs no weight-gradient work.
 """
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -18,6 +18,7 @@ from .geometry import ascent_direction, check_norm, project, random_init
 from .losses import get_loss
 from .modes import bn_mode
 from .passes import FORWARD, PassCounter
+from .taylor import Anchor, taylor_gradient
 
 
 def input_gradient(loss: Tensor, x: Tensor) -> Tensor:
@@ -32,23 +33,30 @@ def _rows(mask: Tensor, like: Tensor) -> Tensor:
 
 
 def _ascend(model, x, y, target, loss_fn, eps, alpha, steps, norm, start, counter, record_best,
-            last_grad) -> Tensor:
-    """One run of `steps` projected ascent steps from a fresh start point."""
-    x_adv = random_init(x, eps, norm, start)
+            last_grad, exact, order, init) -> Tensor:
+    """One run of `steps` projected ascent steps from a fresh start point (or `init`)."""
+    x_adv = random_init(x, eps, norm, start) if init is None else project(init.detach(), x, eps, norm)
     best, best_loss = x_adv, torch.full((len(x),), float('-inf'), device=x.device)
+    latest = previous = None  # the two most recent exact gradients, for the Taylor approximation
     for i in range(steps):
-        x_adv = x_adv.detach().requires_grad_(True)  # a fresh leaf: `best` may still hold the previous tensor
-        loss = loss_fn(model(x_adv), y, target)
-        grad = input_gradient(loss.sum(), x_adv)
+        if exact is None or i in exact:
+            x_adv = x_adv.detach().requires_grad_(True)  # a fresh leaf: `best` may still hold the previous tensor
+            loss = loss_fn(model(x_adv), y, target)
+            grad = input_gradient(loss.sum(), x_adv)
+            x_adv = x_adv.detach()
+            if exact is not None:
+                latest, previous = Anchor(x_adv - x, grad), latest
+            if record_best:
+                better = loss.detach() > best_loss
+                best = torch.where(_rows(better, x), x_adv, best)
+                best_loss = torch.where(better, loss.detach(), best_loss)
+        else:  # no network pass: the gradient from the partial sum of the loss's Taylor series
+            grad = taylor_gradient(x_adv - x, latest, previous, order)
         if last_grad is not None and i == steps - 1:
             last_grad(grad)
-        x_adv = x_adv.detach()
-        if record_best:
-            better = loss.detach() > best_loss
-            best, best_loss = torch.where(_rows(better, x), x_adv, best), torch.where(better, loss.detach(), best_loss)
         x_adv = project(x_adv + alpha * ascent_direction(grad, norm).to(x.dtype), x, eps, norm)
     if counter is not None:
-        counter.add(len(x), steps)
+        counter.add(len(x), steps if exact is None else len(exact))
     if not record_best or steps == 0:
         return x_adv
     # The last iterate has not been scored yet: one forward decides whether it beats the earlier ones.
@@ -70,7 +78,8 @@ def _misclassified(model: nn.Module, x_adv: Tensor, y: Tensor, counter: PassCoun
 def pgd(model: nn.Module, x: Tensor, y: Tensor | None, *, eps: float, alpha: float, steps: int,
         norm: str = 'linf', loss: str = 'ce', start: str = 'uniform', restarts: int = 1,
         target: Tensor | None = None, bn: str = 'eval', counter: PassCounter | None = None,
-        record_best: bool = False, last_grad: Callable[[Tensor], None] | None = None) -> Tensor:
+        record_best: bool = False, last_grad: Callable[[Tensor], None] | None = None,
+        exact_steps: Sequence[int] | None = None, order: int = 2, init: Tensor | None = None) -> Tensor:
     """Projected gradient ascent on `loss` inside the eps ball; returns a detached x_adv in the ball and in [0,1].
 
     loss 'ce' / 'cw' need labels y; 'kl' needs target = p(x) on the clean input (TRADES). record_best returns, per
@@ -80,6 +89,11 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor | None, *, eps: float, alpha: flo
     misclassification check (after every restart but the last, whose outcome cannot change the choice).
     last_grad, if given, receives each restart's last input gradient (of the summed per-example loss): DEAT's
     magnitude schedule sums its |.| over an epoch.
+
+    exact_steps (GAAT): the step indices, from 0, whose input gradient is computed; the other steps follow the
+    gradient approximated from the last two computed ones (advtrain.attacks.taylor, Taylor partial sum of `order`
+    1 or 2) and cost no pass. None computes every step's. init: the start point (e.g. a carried perturbation
+    added to x), projected, instead of a random start.
     """
     check_norm(norm)
     loss_fn = get_loss(loss)
@@ -89,6 +103,9 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor | None, *, eps: float, alpha: flo
         raise ValueError(f"loss {loss!r} needs labels y")
     if steps < 0 or restarts < 1:
         raise ValueError(f"need steps >= 0 and restarts >= 1, got steps={steps}, restarts={restarts}")
+    exact = None if exact_steps is None else frozenset(exact_steps)
+    if exact is not None and steps > 0 and (0 not in exact or not exact <= set(range(steps))):
+        raise ValueError(f"exact_steps must include step 0 and lie in 0..{steps - 1}, got {sorted(exact)}")
     if restarts > 1 and loss == 'kl':
         raise ValueError("restarts > 1 pick points by misclassification: use loss 'ce' or 'cw' with labels y")
     x = x.detach()
@@ -96,7 +113,7 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor | None, *, eps: float, alpha: flo
     with bn_mode(model, bn), torch.enable_grad():
         for r in range(restarts):
             candidate = _ascend(model, x, y, target, loss_fn, eps, alpha, steps, norm, start, counter, record_best,
-                                last_grad)
+                                last_grad, exact, order, init)
             x_adv = candidate if x_adv is None else torch.where(_rows(fooled, x), x_adv, candidate)
             if r < restarts - 1:
                 hit = _misclassified(model, candidate, y, counter)

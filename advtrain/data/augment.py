@@ -38,3 +38,25 @@ def apply_augmentation(t: Tensor, crop: Tensor | None, flip: Tensor | None, padd
     if flip is not None:
         t = torch.where(flip[:, None, None, None], t.flip(-1), t)
     return t
+
+
+def invert_augmentation(t: Tensor, crop: Tensor | None, flip: Tensor | None, padding: int, into: Tensor) -> Tensor:
+    """Undo apply_augmentation for a per-example tensor: map t (B,C,H,W), in the augmented frame, back to the
+    original image frame. Pixels the crop window left out (it shows padding instead) keep their values from `into`
+    (B,C,H,W, original frame); the window's padding pixels are dropped. Used to store a perturbation per example."""
+    if flip is not None:
+        t = torch.where(flip[:, None, None, None], t.flip(-1), t)
+    if crop is None:
+        return t
+    batch, channels, height, width = t.shape
+    device = t.device
+    canvas = F.pad(into, (padding, padding, padding, padding))
+    rows = crop[:, 0, None] + torch.arange(height, device=device)
+    cols = crop[:, 1, None] + torch.arange(width, device=device)
+    canvas[
+        torch.arange(batch, device=device)[:, None, None, None],
+        torch.arange(channels, device=device)[None, :, None, None],
+        rows[:, None, :, None],
+        cols[:, None, None, :],
+    ] = t
+    return canvas[:, :, padding:padding + height, padding:padding + width]

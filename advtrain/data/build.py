@@ -40,6 +40,7 @@ class DatasetInfo:
     n_train: int
     n_val: int
     n_test: int
+    crop_padding: int = 0  # of the training loader's random crops (Batch.crop offsets lie in [0, 2 * crop_padding])
 
 
 @dataclass
@@ -123,4 +124,5 @@ def _info(cfg, num_classes: int, shape: tuple[int, int, int], n_train: int, n_va
                             "(give one value per channel, or one for all)")
     # One value stands for every channel.
     mean, std = (mean * shape[0] if len(mean) == 1 else mean), (std * shape[0] if len(std) == 1 else std)
-    return DatasetInfo(cfg.name, num_classes, shape, mean, std, n_train, n_val, n_test)
+    return DatasetInfo(cfg.name, num_classes, shape, mean, std, n_train, n_val, n_test,
+                       int(cfg.get("crop_padding") or 0))
