@@ -219,7 +219,7 @@ def ablations(cfg, rt) -> list[Variant]:
                 [f"trainer.channels_last={str(not rt.channels_last).lower()}"]),
         Variant("attack grads into weights", weight_grads=True),
         *[Variant(f"optimizer {impl}", [f"optim.impl={impl}"]) for impl in ("loop", "foreach", "fused")
-          if impl != resolve_impl(cfg.optim.impl, rt.device)],
+          if impl != resolve_impl(cfg.optim.impl)],
         Variant("loss .item() every step", sync_every_step=True),
         Variant("host DataLoader, per-image transforms", host_data=True),
     ]

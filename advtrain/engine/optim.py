@@ -11,23 +11,24 @@ import math
 import torch
 
 
-def build_optimizer(cfg, params, device: torch.device | None = None) -> torch.optim.Optimizer:
-    kernels = _kernels(cfg.get("impl", "auto"), device)
+def build_optimizer(cfg, params) -> torch.optim.Optimizer:
+    kernels = _kernels(cfg.get("impl", "auto"))
     if cfg.name == "sgd":
         return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
                                weight_decay=cfg.weight_decay, **kernels)
     return torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay, **kernels)
 
 
-def resolve_impl(impl: str, device: torch.device | None) -> str:
-    """`auto` takes what scripts/bench.py measured fastest (docs/performance.md)."""
+def resolve_impl(impl: str) -> str:
+    """`auto` takes what scripts/bench.py measured fastest (docs/performance.md): foreach on CPU, where loop, foreach
+    and fused were within noise; the GPU measurement is still to be made."""
     return "foreach" if impl == "auto" else impl
 
 
-def _kernels(impl: str, device: torch.device | None) -> dict:
+def _kernels(impl: str) -> dict:
     """How parameter updates are launched: `loop` one small kernel chain per tensor (the papers' code), `foreach`
     batched over all tensors, `fused` one kernel doing the whole update."""
-    impl = resolve_impl(impl, device)
+    impl = resolve_impl(impl)
     return {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}[impl]
 
 

@@ -154,7 +154,7 @@ def build_parts(cfg, rt: Runtime, dist: Dist = SINGLE) -> Parts:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg.optim, model.parameters(), rt.device)
+    optimizer = build_optimizer(cfg.optim, model.parameters())
     return Parts(rt, data, method, spec, model, optimizer)
 
 

@@ -95,9 +95,9 @@ class GAAT(StepsMethod):
         return torch.where(self.seen[batch.index].view(-1, 1, 1, 1), x + stored, fresh)
 
     def _store(self, batch, delta: torch.Tensor) -> None:
-        old = self.delta[batch.index].float()
+        uncovered = self.delta[batch.index].float() if batch.crop is not None else None  # kept outside the crop
         self.delta[batch.index] = invert_augmentation(delta, batch.crop, batch.flip, self.info.crop_padding,
-                                                      into=old).to(self.delta.dtype)
+                                                      into=uncovered).to(self.delta.dtype)
         self.seen[batch.index] = True
 
     def state_dict(self):
