@@ -56,7 +56,7 @@ CHOICES = {
 POSITIVE = ("trainer.epochs", "trainer.batch_size", "trainer.devices", "eval.batch_size", "eval.every_n",
             "trainer.nan_check_every", "optim.lr")
 NON_NEGATIVE = ("trainer.checkpoint_every", "eval.every", "dataset.val_size", "dataset.crop_padding",
-                "optim.weight_decay", "dataset.pgd_steps")
+                "optim.weight_decay", "dataset.pgd_steps", "trainer.eps_warmup")
 
 
 # --- checking ---------------------------------------------------------------------------------------------------
@@ -133,6 +133,9 @@ def check_config(cfg: DictConfig, sections: dict[str, type]) -> DictConfig:
     for key in NON_NEGATIVE:
         if key.split(".")[0] in out and _get(out, key) < 0:
             raise ConfigError(f"{key}={_get(out, key)!r} must be >= 0")
+    if "trainer" in out and out["trainer"].get("eps_warmup", 0) > 1:
+        raise ConfigError(f"trainer.eps_warmup={out['trainer']['eps_warmup']!r} is a fraction of training: "
+                          "choose a value in [0, 1]")
     if "seed" in out and not isinstance(out["seed"], int):
         raise ConfigError(f"seed={out['seed']!r}: expected an integer")
     return OmegaConf.create(out)

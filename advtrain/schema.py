@@ -80,6 +80,8 @@ class TrainerConfig:
     accelerator: str = "auto"                # auto | cpu | cuda
     precision: str = "auto"                  # auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16
     channels_last: str = "auto"              # auto (on CUDA) | true | false
+    eps_warmup: float = 0.0                  # fraction of training over which eps and every attack step size
+                                             # ramp up linearly from 0 (0: the full threat model from the start)
     compile: bool = False
     compile_mode: str = "default"            # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
     deterministic: bool = False

@@ -114,6 +114,7 @@ def train_batch(ctx: TrainContext, method, batch, cfg, sums: dict) -> float:
     """One minibatch: the LR for this point of training, the method's step under autocast, and the step's metrics
     added to `sums` (device tensors, weighted by rows: no host sync). Returns the LR used."""
     lr = set_lr(ctx.optimizer, cfg.optim.lr, lr_factor(cfg.schedule, ctx.progress))
+    method.set_budget(eps_factor(cfg.trainer.get("eps_warmup", 0.0), ctx.progress))
     ctx.loss_weight = batch.weight
     with ctx.autocast():
         out = method.train_step(batch, ctx)
@@ -121,6 +122,12 @@ def train_batch(ctx: TrainContext, method, batch, cfg, sums: dict) -> float:
     for k, v in out.items():
         sums[k] = sums.get(k, 0.0) + v.float() * n
     return lr
+
+
+def eps_factor(warmup: float, progress: float) -> float:
+    """The threat model's share at training progress `progress`: a linear ramp 0 -> 1 over the first `warmup` of
+    training, then 1 (set per minibatch, like the LR, so it is the same function of progress for every method)."""
+    return 1.0 if warmup <= 0 or progress >= warmup else progress / warmup
 
 
 def trainer_eval_due(cfg, epoch: int) -> bool:

@@ -32,6 +32,7 @@ from advtrain.methods.base import Method
 
 # Config keys that shape the training trajectory: a checkpoint resumes only into a run that agrees on all of them.
 TRAJECTORY_KEYS = ("arch", "method", "optim", "schedule", "seed", "trainer.epochs", "trainer.batch_size",
+                   "trainer.eps_warmup",
                    "dataset.name", "dataset.train_subset", "dataset.val_size", "dataset.crop_padding",
                    "dataset.flip", "dataset.mean", "dataset.std", "dataset.shape", "dataset.num_classes",
                    "dataset.n_train", "dataset.noise")

@@ -15,7 +15,8 @@ else: data, precision, LR, timing, checkpoints, logging. The hooks cover the sha
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, ContextManager, Iterator
 
 import torch
@@ -42,6 +43,23 @@ class Method:
     def __init__(self, cfg: Any, info: DatasetInfo):
         self.cfg = cfg
         self.info = info
+        self._full_cfg, self._budget = cfg, 1.0
+
+    def set_budget(self, factor: float) -> None:
+        """Scale every setting in pixel units (eps, step sizes, start radii: the Config fields marked pixel()) by
+        `factor` in [0, 1], the ε warm-up of trainer.eps_warmup; 1 restores the configured values exactly."""
+        if factor == self._budget:
+            return
+        self._budget = factor
+        if factor == 1.0:
+            self.cfg = self._full_cfg
+            return
+        full = self._full_cfg
+        scaled = {f.name: getattr(full, f.name) for f in fields(self.Config)}
+        for f in fields(self.Config):
+            if f.metadata.get("pixel") and scaled[f.name] is not None:
+                scaled[f.name] = scaled[f.name] * factor
+        self.cfg = SimpleNamespace(**scaled)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """Change the model once, when it is built (before the optimizer and checkpoint loading)."""

@@ -1,0 +1,67 @@
+"""trainer.eps_warmup: the threat model ramps up linearly over the first part of training, for every method alike."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from advtrain.config import ConfigError, check_config
+from advtrain.engine.loop import eps_factor
+from advtrain.engine.run import train
+from advtrain.methods import build_method
+from advtrain.schema import TRAIN_SECTIONS
+from conftest import compose_train
+
+SYNTH = ["dataset=synthetic", "arch=mnist_net", "logger=none", "trainer.progress=off", "dataset.n_train=256",
+         "dataset.n_test=64", "trainer.batch_size=64", "attack=[]"]
+
+
+def checked(overrides):
+    return check_config(compose_train(SYNTH + overrides), TRAIN_SECTIONS)
+
+
+def test_factor_ramps_linearly_then_holds():
+    assert [eps_factor(0.5, p) for p in (0.0, 0.125, 0.25, 0.5, 0.9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert eps_factor(0.0, 0.0) == 1.0
+
+
+@pytest.mark.parametrize("method", ["pgd", "deat", "free", "gaat"])
+def test_budget_scales_the_pixel_settings_only_and_restores_them_exactly(method):
+    cfg = checked([f"method={method}"])
+    m = build_method(cfg.method, SimpleNamespace(name="synthetic"))
+    full = {k: getattr(cfg.method, k) for k in ("eps", "alpha", "step", "tau", "steps", "replays") if k in cfg.method}
+    m.set_budget(0.25)
+    for key, value in full.items():
+        scaled = getattr(m.cfg, key)
+        if key in ("steps", "replays") or value is None:
+            assert scaled == value  # counts are not in pixel units
+        else:
+            assert scaled == pytest.approx(0.25 * value)
+    m.set_budget(1.0)
+    assert all(getattr(m.cfg, k) == v for k, v in full.items()) and m.cfg is cfg.method
+
+
+def test_attacks_during_warmup_use_the_ramped_eps(tmp_path, monkeypatch):
+    """PGD-AT's attack radius per batch follows the ramp: 2 epochs, warm-up over the first half."""
+    import advtrain.methods.base as base
+
+    seen = []
+    plain = base.pgd
+
+    def recording(model, x, y, **kw):
+        seen.append(kw["eps"])
+        return plain(model, x, y, **kw)
+
+    monkeypatch.setattr(base, "pgd", recording)
+    torch.set_num_threads(1)
+    train(checked(["method=pgd", "trainer.epochs=2", "trainer.eps_warmup=0.5"]), tmp_path)
+    eps = 0.1  # synthetic data's threat model
+    # 4 batches per epoch; batch b of epoch 0 is at progress b/8 of training, so at (b/8) / 0.5 of the ramp.
+    assert seen == pytest.approx([0.0, 0.25 * eps, 0.5 * eps, 0.75 * eps] + [eps] * 4)
+    assert seen[4:] == [eps] * 4  # exactly the configured value once the ramp is over
+
+
+def test_warmup_outside_0_1_is_a_one_line_error():
+    with pytest.raises(ConfigError, match=r"trainer.eps_warmup=1.5 is a fraction of training"):
+        checked(["trainer.eps_warmup=1.5"])
