@@ -9,7 +9,7 @@ instead of a random point. Then one update on CE(f(x + delta_K)).
 Cost: n_exact + 1 passes per example (an approximated step is a few element-wise operations).
 
     advtrain method=gaat dataset=mnist                                   # K = 40 steps, 4 of them exact
-    advtrain method=gaat method.approx=false method.carry=false          # = PGD-AT with n_exact steps (ablation)
+    advtrain method=gaat method.approx=false method.carry=false          # = PGD-AT, n_exact steps (ablation)
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ class GAAT(StepsMethod):
         n_exact: int = 4              # steps per attack whose input gradient is computed (each one pass)
         exact_at: str = "spread"      # spread: steps 0, K/n, 2K/n, ... | first: steps 0 .. n_exact-1
         order: int = 2                # Taylor partial sum: 1 (gradient held) | 2 (secant curvature term)
-        approx: bool = True           # false: no approximated steps; the attack is n_exact exact steps
+        approx: bool = True           # false: no approximated steps; n_exact exact steps of alpha * K / n_exact
         carry: bool = True            # warm start from each example's previous perturbation
         reset_every: int = 0          # carry: epochs between resets to a random start (0: never)
         start: str = "uniform"        # the random start (first visit, or carry=false)
@@ -69,8 +69,10 @@ class GAAT(StepsMethod):
     def train_step(self, batch, ctx):
         c = self.cfg
         steps = self.steps if c.approx else min(c.n_exact, self.steps)
+        # Without the approximated steps the exact ones take the whole path: K steps of alpha in n_exact strides.
+        alpha = c.alpha if c.approx else c.alpha * self.steps / max(steps, 1)
         init = self._carried(batch) if c.carry else None
-        x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=c.eps, alpha=c.alpha, steps=steps, start=c.start,
+        x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=c.eps, alpha=alpha, steps=steps, start=c.start,
                     bn=c.bn, counter=ctx.counter, exact_steps=self.exact_steps(steps) if c.approx else None,
                     order=c.order, init=init)
         if c.carry:
