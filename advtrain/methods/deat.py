@@ -26,7 +26,7 @@ from advtrain.attacks import random_init
 from advtrain.config import ConfigError
 from advtrain.schema import pixel
 from advtrain.methods.base import Method
-from advtrain.methods.replay import replay
+from advtrain.methods.replay import carried_buffer, replay
 from advtrain.methods.schedules import AccuracyRule, FixedRule, GradMagnitude, MagnitudeRule, Rule
 
 R_MAX = {"fixed": 5, "accuracy": 4, "magnitude": 8}  # the paper's cap for each rule
@@ -70,9 +70,7 @@ class DEAT(Method):
         if not self.cfg.carry:
             tau = self.cfg.eps if self.cfg.tau is None else self.cfg.tau
             return random_init(x, tau, "linf", "uniform") - x  # projected into the box, as the authors' code does
-        if self.delta is None or self.delta.shape[1:] != x.shape[1:] or len(self.delta) < len(x):
-            self.delta = torch.zeros_like(x)
-        self.delta = self.delta.to(x.device)  # checkpoints load onto the CPU
+        self.delta = carried_buffer(self.delta, x)
         return self.delta[:len(x)]
 
     def epoch_end(self, ctx, metrics):

@@ -18,7 +18,7 @@ import torch
 
 from advtrain.schema import pixel
 from advtrain.methods.base import Method
-from advtrain.methods.replay import replay
+from advtrain.methods.replay import carried_buffer, replay
 
 
 class FreeAT(Method):
@@ -39,9 +39,7 @@ class FreeAT(Method):
         x, y = batch.x, batch.y
         n, eps = len(y), self.cfg.eps
         step = eps if self.cfg.step is None else self.cfg.step
-        if self.delta is None or self.delta.shape[1:] != x.shape[1:] or len(self.delta) < n:
-            self.delta = torch.zeros_like(x)
-        self.delta = self.delta.to(x.device)  # checkpoints load onto the CPU
+        self.delta = carried_buffer(self.delta, x)
         out = replay(ctx, x, y, self.delta[:n], replays=self.cfg.replays, step=step, eps=eps)
         self.delta[:n] = out.delta
         return {"loss": out.loss, "acc": out.acc}

@@ -54,3 +54,11 @@ def replay(ctx: TrainContext, x: Tensor, y: Tensor, delta: Tensor, *, replays: i
         acc_sum += last_acc
     ctx.counter.add(len(y), replays)
     return Replayed(delta, loss_sum / replays, acc_sum / replays, last_loss, last_acc, grad)
+
+
+def carried_buffer(buffer: Tensor | None, x: Tensor) -> Tensor:
+    """The perturbation buffer carried across minibatches (FREE, DEAT with carry), as large as a full batch and on
+    x's device: made (zeros) on first use or when the batch no longer fits; a smaller last batch uses its first rows."""
+    if buffer is None or buffer.shape[1:] != x.shape[1:] or len(buffer) < len(x):
+        return torch.zeros_like(x)
+    return buffer.to(x.device)  # checkpoints load onto the CPU
