@@ -159,3 +159,72 @@ def test_imagefolder_trains_and_validation_split_is_monitored(tmp_path):
     assert "eval/clean" in monitored and "eval/fgsm" in monitored and monitored["eval/n"] == 4
     best = load_checkpoint(tmp_path / "run" / "checkpoints" / "best.pt")  # selected on the validation split
     assert best["loop"]["best_val_score"] == monitored["eval/fgsm"] and best["loop"]["epoch"] == 1
+
+
+def _loop_parts(epochs: int = 2):
+    """A real model, optimizer and loader for `run_epochs` (8 batches per epoch), built the way `advtrain` builds
+    them."""
+    from advtrain.engine.precision import resolve_runtime
+    from advtrain.engine.run import build_context, build_parts
+    cfg = check_config(compose_train(["method=natural", "dataset=synthetic", "arch=mnist_net", "logger=none",
+                                      f"trainer.epochs={epochs}", "trainer.batch_size=64", "dataset.n_train=512"]), TRAIN_SECTIONS)
+    parts = build_parts(cfg, resolve_runtime(cfg.trainer, 0))
+    ctx = build_context(cfg, parts, PassCounter())
+    parts.method.setup(ctx)
+    return cfg, parts, ctx
+
+
+def _run_loop(cfg, parts, ctx, state):
+    from advtrain.engine.loop import run_epochs
+    from advtrain.logging.console import TrainProgress
+    saved, records = [], []
+
+    def save(s):
+        saved.append({k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in vars(s).items()})
+        return "last.pt"
+
+    progress = TrainProgress(cfg.trainer.epochs, len(parts.data.train), "off", 0)
+    run_epochs(ctx, parts.method, parts.data.train, cfg, state, progress=progress, save=save,
+               on_epoch=records.append, periodic_eval=None)
+    return saved, records
+
+
+def test_a_signal_on_an_epochs_last_batch_checkpoints_after_the_epoch_record():
+    import signal
+    from advtrain.engine.loop import LoopState
+    from advtrain.engine.signals import Interrupted
+    cfg, parts, ctx = _loop_parts()
+    assert len(parts.data.train) == 8
+    step = parts.method.train_step
+
+    def signalled_on_last_batch(batch, ctx):
+        if ctx.batch_idx == 7:
+            signal.raise_signal(signal.SIGTERM)
+        return step(batch, ctx)
+
+    parts.method.train_step = signalled_on_last_batch
+    state = LoopState()
+    with pytest.raises(Interrupted):
+        _run_loop(cfg, parts, ctx, state)
+    # The checkpoint stands at the epoch boundary with the epoch recorded, not at batch 8 of 8 of epoch 1.
+    assert (state.epoch, state.batch, len(state.history)) == (1, 0, 1)
+    assert state.partial_n == 0 and not state.finished
+
+
+def test_resume_with_no_batch_left_in_the_epoch_records_it_and_goes_on():
+    # Checkpoints written before the fix above could stop at the last batch of an epoch: resuming one ran no batch
+    # and failed on the LR to record.
+    from advtrain.engine.loop import LoopState
+    cfg, parts, ctx = _loop_parts()
+    for _ in parts.data.train.epoch(0):  # the loader as restored from such a checkpoint: epoch 1 fully drawn
+        pass
+    state = LoopState(epoch=0, batch=8, partial_sums={"loss": 512 * 1.5, "acc": 512 * 0.25}, partial_n=512,
+                      train_time_s=4.0, partial_time_s=4.0)
+    saved, records = _run_loop(cfg, parts, ctx, state)
+    assert [r["epoch"] for r in records] == [1, 2]
+    assert records[0]["train/loss"] == pytest.approx(1.5) and records[0]["train/acc"] == pytest.approx(0.25)
+    assert 0 < records[0]["lr"] <= cfg.optim.lr
+    # The epoch's time and rate count the seconds before the checkpoint, not only the part after the resume.
+    assert records[0]["epoch_time_s"] == pytest.approx(4.0, abs=0.5)
+    assert records[0]["images_per_s"] == pytest.approx(512 / records[0]["epoch_time_s"])
+    assert state.finished and saved[-1]["epoch"] == 2

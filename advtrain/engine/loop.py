@@ -35,6 +35,7 @@ class LoopState:
     stop_reason: str | None = None
     partial_sums: dict = field(default_factory=dict)  # metric sums of an interrupted epoch's finished batches
     partial_n: int = 0
+    partial_time_s: float = 0.0  # training seconds of the interrupted epoch before its checkpoint
     best_val_score: float | None = None  # robust accuracy of checkpoints/best.pt on the validation split
 
 
@@ -53,13 +54,15 @@ def run_epochs(ctx: TrainContext, method, loader, cfg, state: LoopState, *, prog
         for epoch in range(state.epoch, trainer.epochs):
             ctx.epoch = epoch
             progress.epoch(epoch, state.batch)
-            epoch_start_time = watch.elapsed
+            epoch_start_time = watch.elapsed - state.partial_time_s  # the epoch's time spans a resume
             watch.start()
             method.epoch_start(ctx)
             # An interrupted epoch's sums so far are global (summed over ranks) and carried by rank 0.
             carried = state.partial_sums if dist.is_main else {k: 0.0 for k in state.partial_sums}
             sums = {k: torch.tensor(v, device=ctx.device) for k, v in carried.items()}
             n_seen = state.partial_n if dist.is_main else 0
+            lr = ctx.optimizer.param_groups[0]["lr"]  # the LR to record when a resume finds no batch left to run
+            last_batch = len(loader) - 1
             for ctx.batch_idx, batch in enumerate(loader.epoch(epoch, state.batch), start=state.batch):
                 lr = train_batch(ctx, method, batch, cfg, sums)
                 n_seen += len(batch.y)
@@ -71,20 +74,24 @@ def run_epochs(ctx: TrainContext, method, loader, cfg, state: LoopState, *, prog
                 if progress.due():
                     progress.show({**{k: float(v) / n_seen for k, v in sums.items()}, "lr": lr,
                                    "img/s": n_seen * dist.world_size / max(watch.peek() - epoch_start_time, 1e-9)})
-                if signum:
+                # A signal on an epoch's last batch is served after the epoch is recorded (below), so a checkpoint
+                # never holds an epoch with every batch run and no record.
+                if signum and ctx.batch_idx < last_batch:
                     watch.stop()
                     state.batch, state.train_time_s = ctx.batch_idx + 1, watch.elapsed
                     *totals, total_n = dist.sum([float(v) for v in sums.values()] + [n_seen])
                     state.partial_sums, state.partial_n = dict(zip(sums, totals)), int(total_n)
+                    state.partial_time_s = watch.elapsed - epoch_start_time
                     raise Interrupted(signum, save(state), interrupted.previous.get(signum))
-            state.partial_sums, state.partial_n = {}, 0
+            state.partial_sums, state.partial_n, state.partial_time_s = {}, 0, 0.0
             *totals, n_seen = dist.sum([float(v) for v in sums.values()] + [n_seen])
             metrics = {k: total / max(n_seen, 1) for k, total in zip(sums, totals)}
             if not math.isfinite(metrics.get("loss", 0.0)):
                 raise TrainingError(_nan_message(epoch, ctx.batch_idx))
             extra = method.epoch_end(ctx, metrics)
             ctx.stop_reason = next((r for r in dist.gather(ctx.stop_reason) if r is not None), None)
-            epoch_time = watch.stop()
+            watch.stop()
+            epoch_time = watch.elapsed - epoch_start_time
             state.train_time_s = watch.elapsed
             state.epoch_times_s.append(epoch_time)
             record = {"epoch": epoch + 1, **{f"train/{k}": v for k, v in metrics.items()},
