@@ -141,6 +141,25 @@ def _deat_steps(scaler=None, fp16=False, batches=4, replays=3):
     return method, model
 
 
+def test_replays_attack_pixels_that_sit_on_the_image_box():
+    # MNIST's background is 0 and a projected start leaves half of it at delta = 0: x + delta sits on the box's bound.
+    # torch.clamp's gradient there is 0 in recent PyTorch, which would freeze those pixels for every replay; the replay
+    # engine keeps the gradient the papers' PyTorch gave (1 on the closed box, 0 strictly outside it).
+    from advtrain.methods.replay import into_box, replay
+    v = torch.tensor([-0.1, 0.0, 0.5, 1.0, 1.2], requires_grad=True)
+    into_box(v).sum().backward()
+    assert v.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0]
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 10 * 10, 4))
+    x, y = torch.zeros(16, 1, 12, 12), torch.randint(0, 4, (16,))
+    x[:, :, 4:8, 4:8] = 1.0  # a white square on black: every pixel on a bound of the box
+    out = replay(_ctx(model), x, y, torch.zeros_like(x), replays=2, step=0.3, eps=0.3)
+    moved = out.delta != 0
+    assert moved.float().mean() > 0.3  # the clamp's zero subgradient would leave delta = 0 everywhere
+    assert out.delta.abs().max() <= 0.3 and ((x + out.delta) >= 0).all() and ((x + out.delta) <= 1).all()
+
+
 def test_g_does_not_see_the_loss_scale():
     # In fp32 a power-of-two scale and its removal are exact: with the scale removed everywhere, G and the weights are
     # bit-identical to an unscaled run. A scale leaking into G would multiply it by 2**20.

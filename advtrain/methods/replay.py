@@ -1,9 +1,9 @@
 """Minibatch replay, the engine FREE-AT and DEAT share.
 
-A minibatch is replayed r times. Each replay is ONE pass through the update's model on clamp(x + delta, 0, 1): its
-backward yields the weight gradient (one optimizer step) and, from the same pass, the input gradient that moves the
-perturbation: delta <- Proj(delta + step * sign(grad_delta)), Proj onto {|delta|_inf <= eps} and {x + delta in
-[0,1]}. The methods differ only in where delta starts (FREE: its buffer, carried across minibatches; DEAT: a fresh
+A minibatch is replayed r times. Each replay is ONE pass through the update's model on clamp(x + delta, 0, 1) (with
+the gradient at the box's bounds that the papers' PyTorch had: `into_box`): its backward yields the weight gradient
+(one optimizer step) and, from the same pass, the input gradient that moves the perturbation:
+delta <- Proj(delta + step * sign(grad_delta)), Proj onto {|delta|_inf <= eps} and {x + delta in [0,1]}. The methods differ only in where delta starts (FREE: its buffer, carried across minibatches; DEAT: a fresh
 uniform draw) and in how r is chosen.
 Cost: r passes per example. BN is in train mode while "attacking", since the attack is the update's own pass.
 """
@@ -40,7 +40,7 @@ def replay(ctx: TrainContext, x: Tensor, y: Tensor, delta: Tensor, *, replays: i
     delta = delta.detach().clone()
     for _ in range(replays):
         delta.requires_grad_(True)
-        logits = ctx.model((x + delta).clamp(0, 1))
+        logits = ctx.model(into_box(x + delta))
         loss = F.cross_entropy(logits, y)
         (grad,) = ctx.update(loss, inputs=(delta,))
         # A pass whose fp16-scaled gradients overflowed (the scaler skips its weight update) has inf/NaN entries:
@@ -54,6 +54,17 @@ def replay(ctx: TrainContext, x: Tensor, y: Tensor, delta: Tensor, *, replays: i
         acc_sum += last_acc
     ctx.counter.add(len(y), replays)
     return Replayed(delta, loss_sum / replays, acc_sum / replays, last_loss, last_acc, grad)
+
+
+def into_box(v: Tensor) -> Tensor:
+    """clamp(v, 0, 1) whose gradient is 1 on the closed box [0, 1] and 0 strictly outside it.
+
+    Recent PyTorch (2.15 here; pytorch/pytorch#184572) gives torch.clamp the subgradient 0 at its bounds, where the
+    releases the FREE and DEAT papers ran gave 1. A pixel at 0 or 1 with delta = 0 there (most of an MNIST image: the
+    background is 0, and a start projected into the box puts half of it at delta = 0) would get no input gradient,
+    sign(0) = 0 would never move its delta, and those pixels would stay unattacked for every replay.
+    """
+    return torch.where((v >= 0) & (v <= 1), v, v.detach().clamp(0, 1))
 
 
 def carried_buffer(buffer: Tensor | None, x: Tensor) -> Tensor:
