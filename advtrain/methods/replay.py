@@ -3,8 +3,9 @@
 A minibatch is replayed r times. Each replay is ONE pass through the update's model on clamp(x + delta, 0, 1) (with
 the gradient at the box's bounds that the papers' PyTorch had: `into_box`): its backward yields the weight gradient
 (one optimizer step) and, from the same pass, the input gradient that moves the perturbation:
-delta <- Proj(delta + step * sign(grad_delta)), Proj onto {|delta|_inf <= eps} and {x + delta in [0,1]}. The methods differ only in where delta starts (FREE: its buffer, carried across minibatches; DEAT: a fresh
-uniform draw) and in how r is chosen.
+delta <- Proj(delta + step * sign(grad_delta)), Proj onto {|delta|_inf <= eps} and {x + delta in [0,1]}. The methods
+differ only in where delta starts (FREE: its buffer, carried across minibatches; DEAT: a fresh uniform draw) and in
+how r is chosen.
 Cost: r passes per example. BN is in train mode while "attacking", since the attack is the update's own pass.
 """
 from __future__ import annotations
