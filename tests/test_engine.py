@@ -166,8 +166,9 @@ def _loop_parts(epochs: int = 2):
     them."""
     from advtrain.engine.precision import resolve_runtime
     from advtrain.engine.run import build_context, build_parts
-    cfg = check_config(compose_train(["method=natural", "dataset=synthetic", "arch=mnist_net", "logger=none",
-                                      f"trainer.epochs={epochs}", "trainer.batch_size=64", "dataset.n_train=512"]), TRAIN_SECTIONS)
+    overrides = ["method=natural", "dataset=synthetic", "arch=mnist_net", "logger=none", f"trainer.epochs={epochs}",
+                 "trainer.batch_size=64", "dataset.n_train=512"]
+    cfg = check_config(compose_train(overrides), TRAIN_SECTIONS)
     parts = build_parts(cfg, resolve_runtime(cfg.trainer, 0))
     ctx = build_context(cfg, parts, PassCounter())
     parts.method.setup(ctx)
