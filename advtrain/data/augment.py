@@ -44,7 +44,8 @@ def invert_augmentation(t: Tensor, crop: Tensor | None, flip: Tensor | None, pad
                         into: Tensor | None = None) -> Tensor:
     """Undo apply_augmentation for a per-example tensor: map t (B,C,H,W), in the augmented frame, back to the
     original image frame. Pixels the crop window left out (it shows padding instead) keep their values from `into`
-    (B,C,H,W, original frame; needed only with crops); the window's padding pixels are dropped. Used to store a perturbation per example."""
+    (B,C,H,W, original frame; needed only with crops); the window's padding pixels are dropped. Used to store a
+    perturbation per example."""
     if flip is not None:
         t = torch.where(flip[:, None, None, None], t.flip(-1), t)
     if crop is None:
