@@ -8,6 +8,7 @@ an unknown key, a value of the wrong type, an eps or step size outside [0, 1]. P
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 from dataclasses import fields
 from typing import Any
@@ -138,7 +139,27 @@ def check_config(cfg: DictConfig, sections: dict[str, type]) -> DictConfig:
                           "choose a value in [0, 1]")
     if "seed" in out and not isinstance(out["seed"], int):
         raise ConfigError(f"seed={out['seed']!r}: expected an integer")
+    _check_optional_packages(out)
     return OmegaConf.create(out)
+
+
+def _check_optional_packages(cfg: dict) -> None:
+    """AutoAttack and W&B are imported only when a run uses them; a run that would need a missing one fails here,
+    before any training, not at its final evaluation hours later."""
+    def missing(module: str) -> bool:
+        try:
+            return importlib.util.find_spec(module) is None
+        except ImportError:  # a finder that refuses it (as a broken install, or a test hiding it, does)
+            return True
+
+    auto = [name for name, spec in (cfg.get("attack") or {}).items() if spec.get("type") == "autoattack"]
+    if auto and missing("pyautoattack"):
+        raise ConfigError(f"attack {auto[0]!r} needs the pyautoattack package (the official AutoAttack), which is "
+                          "not installed: pip install pyautoattack, or leave it out of attack=[...]")
+    logger = cfg.get("logger") or {}
+    if logger.get("name") == "wandb" and logger.get("mode") != "disabled" and missing("wandb"):
+        raise ConfigError("logger=wandb needs the wandb package, which is not installed: pip install wandb, "
+                          "or run with logger=none")
 
 
 def _check_method(section: Any) -> dict:

@@ -4,6 +4,7 @@
     python scripts/bench.py method=pgd arch=mnist_net dataset.shape=[1,28,28] dataset.num_classes=10
     python scripts/bench.py --ablate method=pgd arch=preact_resnet18 dataset.shape=[3,32,32] trainer.batch_size=512
     python scripts/bench.py --json bench.json dataset=mnist dataset.root=../shared/data arch=mnist_net
+    python scripts/bench.py --row "pgd-10: method=pgd method.steps=10" --row "natural: method=natural" arch=mnist_net
 
 Positional arguments are advtrain config overrides, exactly as `advtrain` takes them (dataset=synthetic, logger=none
 and no evaluation attacks unless overridden; synthetic data is sized to the steps measured). Every row is measured
@@ -13,7 +14,8 @@ machine and its load.
 
 Rows: `fast path` is what `advtrain` runs with these overrides; `reference` is scripts/bench_reference.py (the
 papers' way); with --ablate, each further row switches ONE fast-path feature (to its opposite) and reports its
-throughput relative to the fast path. Per row: training images/s, passes per example (advtrain's cost accounting),
+throughput relative to the fast path. With --row, the rows are instead the given configurations (e.g. one per
+method), each relative to the first, and there is no reference row. Per row: training images/s, passes per example (advtrain's cost accounting),
 the share of step time in attack and in update, peak device memory, and the matrix FLOP/s achieved (FLOPs counted by
 torch.utils.flop_counter on one step) against the matmul rate measured on this device at the run's precision.
 """
@@ -262,6 +264,13 @@ def print_table(rows: list[Row], header: str) -> None:
     Console(width=140).print(table)
 
 
+def _row(text: str) -> Variant:
+    label, sep, overrides = text.partition(":")
+    if not sep or not label.strip():
+        raise argparse.ArgumentTypeError(f"{text!r}: expected 'LABEL: override override ...'")
+    return Variant(label.strip(), overrides.split())
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], epilog="overrides: advtrain config overrides")
@@ -273,6 +282,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-reference", dest="reference", action="store_false", help="skip the papers' loop")
     parser.add_argument("--skip", action="append", default=[], metavar="TEXT",
                         help="leave out the --ablate rows whose name contains TEXT (repeatable), e.g. compile")
+    parser.add_argument("--only", action="append", default=[], metavar="TEXT",
+                        help="keep only the --ablate rows whose name contains TEXT (repeatable), e.g. compile")
+    parser.add_argument("--row", action="append", default=[], type=_row, metavar="'LABEL: OVERRIDES'",
+                        help="measure this configuration as a row of its own (repeatable); the first is the "
+                             "baseline, e.g. --row 'pgd-10: method=pgd method.steps=10' --row 'natural: "
+                             "method=natural'. The positional overrides apply to every row")
     parser.add_argument("--workers", type=int, default=None,
                         help="DataLoader workers of the reference (default as the papers' code: 2 for colour "
                              "images (CIFAR scripts), 0 for grayscale (MNIST scripts))")
@@ -281,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     bad = [o for o in overrides if o.startswith("-")]
     if bad:
         parser.error(f"unknown option {bad[0]}")
+    if opts.row:
+        opts.reference = False  # the reference loop is one method's; rows compare configurations with each other
     try:
         result = bench(opts, overrides)
     except Exception as e:  # config, data and checkpoint errors: one line, as advtrain prints them
@@ -298,13 +315,16 @@ def main(argv: list[str] | None = None) -> int:
 def bench(opts, overrides: list[str]) -> dict:
     base = sized(DEFAULTS + overrides, opts.warmup + opts.steps * opts.repeats + 4)
     before = allocated(torch.device("cuda")) if torch.cuda.is_available() else 0
-    fast = Ours(Variant("fast path (advtrain)"), base, opts.workers)
+    first, *others = getattr(opts, "row", None) or [Variant("fast path (advtrain)")]
+    fast = Ours(first, base, opts.workers)
     fast.warm_up(opts.warmup, before)
     cfg, rt, parts = fast.cfg, fast.rt, fast.parts
     if opts.workers is None:
         opts.workers = 0 if parts.data.info.shape[0] == 1 else 2
     makers = [(REFERENCE, lambda: Reference(fast, opts.workers))] if opts.reference else []
-    variants = [v for v in (ablations(cfg, rt) if opts.ablate else []) if not any(t in v.name for t in opts.skip)]
+    variants = others + [v for v in (ablations(cfg, rt) if opts.ablate else [])
+                         if not any(t in v.name for t in opts.skip)
+                         and (not getattr(opts, "only", None) or any(t in v.name for t in opts.only))]
     makers += [(v.name, lambda v=v: Ours(v, base, opts.workers)) for v in variants]
     runners: list[Runner] = [fast]
     failed: list[Row] = []
@@ -329,11 +349,17 @@ def bench(opts, overrides: list[str]) -> dict:
     rows = [runner.row(opts.steps) for runner in runners] + failed
     dtype = torch.bfloat16 if rt.precision == "bf16" else torch.float16 if rt.precision == "fp16" else torch.float32
     rate = matrix_rate(rt.device, dtype)
-    flops_per_image = count_flops(cfg, parts)
+    # FLOPs per image: the same for every variant of one configuration, counted again for each --row.
+    flops = {id(fast): count_flops(cfg, parts)}
+    for runner, r in zip(runners, rows):
+        if isinstance(runner, Ours) and runner is not fast and runner.variant in others:
+            flops[id(runner)] = count_flops(runner.cfg, runner.parts)
+        r.flops_per_image = flops.get(id(runner), flops[id(fast)])
+    flops_per_image = flops[id(fast)]
     for r in rows:
         if r.images_per_s is not None:
             r.vs_fast_path = r.images_per_s / rows[0].images_per_s
-            r.matrix_tflops = flops_per_image * r.images_per_s / 1e12
+            r.matrix_tflops = r.flops_per_image * r.images_per_s / 1e12
             r.of_matrix_rate = r.matrix_tflops * 1e12 / rate
     reference = next((r for r in rows if r.name == REFERENCE and r.images_per_s), None)
     result = {

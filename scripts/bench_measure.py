@@ -14,6 +14,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from advtrain.engine.timing import Stopwatch
+from device_ceilings import matmul_flops
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Row:
     attack_share: float | None = None      # of step time
     update_share: float | None = None
     peak_memory_mib: float | None = None   # CUDA: peak allocated, device-resident data included; CPU: not tracked
+    flops_per_image: float | None = None   # matmul/conv FLOPs of one training step, per image
     matrix_tflops: float | None = None     # counted matmul/conv FLOPs per second
     of_matrix_rate: float | None = None    # matrix_tflops / the matmul rate measured here
     host_syncs_per_step: float | None = None  # CUDA: syncs torch reported in two steps, per step
@@ -173,12 +175,4 @@ class MatrixFlops(TorchDispatchMode):
 def matrix_rate(device: torch.device, dtype: torch.dtype) -> float:
     """FLOP/s of a large square matmul on this device at `dtype`: the attainable peak the step is held against."""
     n, reps = (8192, 30) if device.type == "cuda" else (1024, 8)
-    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
-    for _ in range(2):
-        a @ b
-    sync(device)
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    return 2 * n**3 * reps / (time.perf_counter() - t0)
+    return matmul_flops(device, dtype, n, reps)

@@ -10,7 +10,6 @@ import logging
 from contextlib import contextmanager
 
 import torch
-from pyautoattack import AutoAttack
 from torch import Tensor, nn
 
 from .geometry import check_norm
@@ -53,6 +52,8 @@ class AutoAttackEval:
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Bool tensor (N,): True where the example is still classified correctly after every attack."""
         # AutoAttack reseeds the global generators; forking keeps the caller's random stream untouched.
+        from pyautoattack import AutoAttack  # optional: the core trains and runs PGD without it
+
         devices = [x.device] if x.device.type == 'cuda' else []
         with bn_mode(model, 'eval'), _quiet(logging.getLogger('auto-attack')), torch.random.fork_rng(devices):
             adversary = AutoAttack(model, norm=AA_NORMS[self.norm], eps=self.eps, version=self.version,
