@@ -13,14 +13,17 @@ from __future__ import annotations
 
 import os
 import sys
+import traceback
 from contextlib import nullcontext
 from pathlib import Path
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
-from omegaconf import DictConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
 
 from advtrain.engine.launch import discard_fresh_run_dir
+from advtrain.engine.rundir import RunDirBusy
 from advtrain.errors import USER_ERRORS, describe_hydra_error
 from advtrain.sweep import register_resolvers
 
@@ -44,7 +47,8 @@ def _one_line_errors(task):
         except USER_ERRORS as e:
             if _debug():
                 raise
-            discard_fresh_run_dir()
+            if not isinstance(e, RunDirBusy):  # that folder is another process's
+                discard_fresh_run_dir()
             _exit(f"error: {e}", 2)
 
     wrapped.__name__, wrapped.__doc__ = task.__name__, task.__doc__
@@ -81,16 +85,38 @@ def _train(cfg: DictConfig):
         import torch
 
         torch.set_num_threads(threads)
-    # ... and each one-device job gets a GPU of its own (a multi-device job takes this node's first N).
-    with claim_device() if checked.trainer.devices == 1 else nullcontext() as gpu:
-        return run_training(checked, Path(hydra_cfg.runtime.output_dir), hydra_cfg, device_index=gpu)
+    run_dir = Path(hydra_cfg.runtime.output_dir)
+    try:
+        with _holding(run_dir):
+            # ... and each one-device job gets a GPU of its own (a multi-device job takes this node's first N).
+            with claim_device() if checked.trainer.devices == 1 else nullcontext() as gpu:
+                return run_training(checked, run_dir, hydra_cfg, device_index=gpu)
+    except RunDirBusy as e:
+        if hydra_cfg.mode != RunMode.MULTIRUN:
+            raise
+        print(f"{_program()}: skipped: {e}", file=sys.stderr)  # a rerun of a sweep that still runs: its job goes on
+        return None
+
+
+def _holding(run_dir: Path):
+    """The run directory is held by the process that writes it: this one, or rank 0 of a torchrun/srun group (the
+    other ranks adopt rank 0's folder)."""
+    from advtrain.engine.distributed import external_world
+    from advtrain.engine.rundir import exclusive
+
+    world = external_world()
+    return exclusive(run_dir) if world is None or world.rank == 0 else nullcontext()
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @_one_line_errors
 def _evaluate(cfg: DictConfig):
+    from advtrain.config import ConfigError
     from advtrain.engine.evaluate_checkpoint import evaluate_checkpoint
 
+    if OmegaConf.is_missing(cfg, "checkpoint"):
+        raise ConfigError("checkpoint= is required: the checkpoint to evaluate, e.g. advtrain-eval "
+                          "checkpoint=outputs/.../checkpoints/last.pt")
     return evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
 
 
@@ -101,10 +127,20 @@ def _run(entry) -> None:
     try:
         entry()
     except Exception as e:
-        message = describe_hydra_error(e)
+        message = describe_hydra_error(e) or _run_dir_error(e)
         if debug or message is None:
             raise
         _exit(f"error: {message}", 2)
+
+
+def _run_dir_error(e: Exception) -> str | None:
+    """Hydra makes the run directory before the job starts; an OSError from there is the user's folder choice."""
+    if not isinstance(e, OSError) or not any(frame.name == "run_job" for frame in traceback.extract_tb(e.__traceback__)):
+        return None
+    if any(frame.name == "wrapped" for frame in traceback.extract_tb(e.__traceback__)):
+        return None  # raised inside the job itself
+    return (f"cannot create the run directory {e.filename}: {e.strerror} (choose a writable folder with "
+            "hydra.run.dir=..., or hydra.sweep.dir=... for -m)")
 
 
 def train() -> None:

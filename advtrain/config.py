@@ -137,6 +137,9 @@ def check_config(cfg: DictConfig, sections: dict[str, type]) -> DictConfig:
     if "trainer" in out and out["trainer"].get("eps_warmup", 0) > 1:
         raise ConfigError(f"trainer.eps_warmup={out['trainer']['eps_warmup']!r} is a fraction of training: "
                           "choose a value in [0, 1]")
+    n = (out.get("eval") or {}).get("n")
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise ConfigError(f"eval.n={n!r} must be a positive number of test examples, or null for the whole test set")
     if "seed" in out and not isinstance(out["seed"], int):
         raise ConfigError(f"seed={out['seed']!r}: expected an integer")
     _check_optional_packages(out)

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -28,6 +30,24 @@ def run_cli(args: list[str], cwd: Path, program: str = "advtrain", timeout: floa
         full_env.pop(key, None)
     return subprocess.run([program, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env,
                           stdin=subprocess.DEVNULL)
+
+
+def interrupt_after(args: list[str], cwd: Path, marker: str, signum: int = signal.SIGTERM,
+                    program: str = "advtrain") -> subprocess.CompletedProcess:
+    """Start a run, send `signum` once `marker` appears on stdout, return what it printed and its status."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    proc = subprocess.Popen([program, *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env)
+    seen = []
+    deadline = time.time() + 240
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(signum)
+            break
+        assert time.time() < deadline, "the run never printed " + marker
+    out, err = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + out, err)
 
 
 @pytest.fixture

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import advtrain
-from conftest import TINY, run_cli
+from conftest import TINY, interrupt_after, run_cli
 from wandb_records import read_run
 
 pytestmark = pytest.mark.slow
@@ -71,23 +71,6 @@ def test_help_lists_groups_and_options(tmp_path):
         assert line in proc.stdout
 
 
-def _interrupt_after(args: list[str], cwd: Path, marker: str) -> subprocess.CompletedProcess:
-    """Start a run, send SIGTERM once `marker` appears on stdout, return what it printed and its status."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
-    proc = subprocess.Popen(["advtrain", *args], cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env)
-    seen = []
-    deadline = time.time() + 240
-    for line in proc.stdout:
-        seen.append(line)
-        if marker in line:
-            proc.send_signal(signal.SIGTERM)
-            break
-        assert time.time() < deadline, "the run never printed " + marker
-    out, err = proc.communicate(timeout=120)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(seen) + out, err)
-
-
 def _weights(path: Path) -> dict:
     return torch.load(path, weights_only=True)["model"]
 
@@ -99,7 +82,7 @@ def test_sigterm_checkpoints_and_resume_equals_an_uninterrupted_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
 
     resumed = tmp_path / "resumed"
-    interrupted = _interrupt_after([*args, f"hydra.run.dir={resumed}"], tmp_path, "epoch 2/3 batch 3/")
+    interrupted = interrupt_after([*args, f"hydra.run.dir={resumed}"], tmp_path, "epoch 2/3 batch 3/")
     assert interrupted.returncode == 128 + signal.SIGTERM, interrupted.stderr
     assert "resume=auto" in interrupted.stderr and "Traceback" not in interrupted.stderr
     assert not (resumed / "results.json").exists()
@@ -150,12 +133,25 @@ def _corrupt_mnist(root: Path) -> None:
 
 
 @pytest.mark.parametrize("case", ["unknown_key", "eps_range", "wrong_type", "unknown_option", "missing_data",
-                                  "corrupt_data", "nan_loss", "corrupt_checkpoint", "mismatched_checkpoint"])
+                                  "corrupt_data", "nan_loss", "corrupt_checkpoint", "mismatched_checkpoint",
+                                  "eval_n_zero", "eval_n_negative", "unknown_top_level_key", "key_of_another_method",
+                                  "root_is_a_file_data", "run_dir_under_a_file", "eval_without_checkpoint"])
 def test_bad_input_gives_one_clean_line(case, tmp_path, trained):
     run_dir = tmp_path / "run"
     base = TINY if "data" not in case else [a for a in TINY if not a.startswith(("dataset", "arch"))]
     args, program = [*base, f"hydra.run.dir={run_dir}"], "advtrain"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
     expect = {
+        "eval_n_zero": (["eval.n=0"], "eval.n=0 must be a positive number of test examples, or null"),
+        "eval_n_negative": (["eval.n=-5"], "eval.n=-5 must be a positive number"),
+        "unknown_top_level_key": (["foo=1"], "unknown config key 'foo'; valid keys there: arch, attack,"),
+        "key_of_another_method": (["method=natural", "method.steps=5"],
+                                  "'method.steps' is not a setting of the chosen method option; it takes: name"),
+        "root_is_a_file_data": (["dataset=mnist", "arch=mnist_net", f"dataset.root={a_file}"],
+                                f"dataset.root={a_file} is a file; it must be the folder"),
+        "run_dir_under_a_file": ([f"hydra.run.dir={a_file / 'run'}"],
+                                 f"cannot create the run directory {a_file / 'run'}: Not a directory"),
         "unknown_key": (["trainer.epoch=3"], "unknown config key 'trainer.epoch' (did you mean 'epochs'?)"),
         "eps_range": (["dataset.eps=12"], "dataset.eps=12 is outside the valid range [0, 1]"),
         "wrong_type": (["trainer.batch_size=big"], "trainer.batch_size"),
@@ -174,6 +170,8 @@ def test_bad_input_gives_one_clean_line(case, tmp_path, trained):
         bad = tmp_path / "bad.pt"
         bad.write_bytes((trained / "checkpoints" / "last.pt").read_bytes()[:5000])
         args, program, fragment = [f"checkpoint={bad}", f"hydra.run.dir={run_dir}"], "advtrain-eval", "corrupt"
+    elif case == "eval_without_checkpoint":
+        args, program, fragment = [f"hydra.run.dir={run_dir}"], "advtrain-eval", "checkpoint= is required"
     else:
         extra, fragment = expect[case]
         args = [*args, *extra]
@@ -182,7 +180,32 @@ def test_bad_input_gives_one_clean_line(case, tmp_path, trained):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert fragment in lines[0] and "error" in lines[0]
+    assert "+foo" not in lines[0]  # the top level takes no new keys: suggesting one would fail again
     assert not run_dir.exists()  # nothing half-written: not even Hydra's own files stay behind
+    assert {p.name for p in tmp_path.iterdir()} <= {"a_file", "bad", "bad.pt"}
+
+
+def test_a_corrupt_last_checkpoint_under_resume_auto_says_how_to_go_on(tmp_path, trained):
+    run_dir = tmp_path / "run"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "checkpoints" / "last.pt").write_bytes((trained / "checkpoints" / "last.pt").read_bytes()[:5000])
+    proc = run_cli([*TINY, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().count("\n") == 0, proc.stderr
+    assert "is corrupt" in proc.stderr and "rerun with resume=never" in proc.stderr
+    assert (run_dir / "checkpoints" / "last.pt").stat().st_size == 5000  # the user's file is left for them
+
+    proc = run_cli([*TINY, f"hydra.run.dir={run_dir}", "resume=never", "trainer.epochs=1"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    advtrain.load_model(run_dir / "checkpoints" / "last.pt")
+
+
+def test_fp16_on_the_cpu_warns_in_one_line_and_trains(tmp_path):
+    proc = run_cli([*TINY, "trainer.epochs=1", "trainer.precision=fp16", f"hydra.run.dir={tmp_path / 'run'}"],
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    warning = [line for line in proc.stderr.splitlines() if "fp16" in line]
+    assert len(warning) == 1 and warning[0].startswith("warning: trainer.precision=fp16 brings no speed on the CPU")
+    assert json.loads((tmp_path / "run" / "results.json").read_text())["precision"] == "fp16"
 
 
 def test_report_tables_every_run_under_a_folder(trained, tmp_path):

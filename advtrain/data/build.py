@@ -82,7 +82,7 @@ def build_data(cfg, *, device: torch.device, seed: int, batch_size: int, rank: i
         )
     elif cfg.name in _READERS:
         read, num_classes = _READERS[cfg.name]
-        train_x, train_y, test_x, test_y = read(Path(cfg.root).expanduser(), download=cfg.download, check=cfg.check_md5)
+        train_x, train_y, test_x, test_y = read(_root(cfg), download=cfg.download, check=cfg.check_md5)
     else:
         names = ", ".join([*_READERS, "imagefolder", "synthetic"])
         raise DataError(f"unknown dataset.name={cfg.name!r}; choose one of {names}")
@@ -101,8 +101,21 @@ def build_data(cfg, *, device: torch.device, seed: int, batch_size: int, rank: i
     return Data(info, train, val, TensorEvalSet(on_device(test_x), on_device(test_y)))
 
 
+def _root(cfg) -> Path:
+    root = Path(cfg.root).expanduser()
+    if root.exists() and not root.is_dir():
+        raise DataError(f"dataset.root={cfg.root} is a file; it must be the folder that holds the dataset's files "
+                        f"(for {cfg.name}: {_LAYOUT.get(cfg.name, 'see README')})")
+    return root
+
+
+_LAYOUT = {"mnist": "<root>/MNIST/raw/", "fashion_mnist": "<root>/FashionMNIST/raw/",
+           "cifar10": "<root>/cifar-10-batches-py/", "cifar100": "<root>/cifar-100-python/",
+           "svhn": "<root>/train_32x32.mat, test_32x32.mat", "imagefolder": "<root>/train/<class>/, <root>/val/<class>/"}
+
+
 def _build_imagefolder(cfg, device: torch.device, seed: int, batch_size: int, ranks: dict) -> Data:
-    train_samples, test_samples, classes = list_images(Path(cfg.root).expanduser())
+    train_samples, test_samples, classes = list_images(_root(cfg))
     train_rows, val_rows = split_rows(len(train_samples), cfg.train_subset, cfg.val_size, seed)
     shape = (3, cfg.image_size, cfg.image_size)  # the folder loader converts every image to RGB
     info = _info(cfg, len(classes), shape, len(train_rows), len(val_rows), len(test_samples))

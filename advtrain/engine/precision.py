@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
@@ -39,6 +40,9 @@ def resolve_runtime(cfg, local_rank: int = 0) -> Runtime:
     precision = cfg.precision
     if precision == "auto":
         precision = "bf16" if accel == "cuda" else "fp32"
+    if precision == "fp16" and accel == "cpu" and local_rank == 0:
+        print("warning: trainer.precision=fp16 brings no speed on the CPU (it has no fast fp16 kernels) and only "
+              "adds loss scaling; fp32 (the CPU default) or bf16 are the CPU's choices", file=sys.stderr)
     if precision == "fp32":
         autocast = nullcontext
     else:

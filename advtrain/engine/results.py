@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 import json
-import os
 import platform
 import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from advtrain.engine.atomic import atomic_write
 
 
 def versions() -> dict[str, str | None]:
@@ -71,9 +71,5 @@ def eval_settings(cfg) -> dict:
 
 def write_results(results: dict[str, Any], path: Path) -> None:
     """Atomic, like checkpoints: a reader never sees half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".results.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(results, f, indent=2)
-        f.write("\n")
-    os.replace(tmp, path)
+    text = json.dumps(results, indent=2) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))

@@ -5,6 +5,7 @@ Everything a run writes lives in its run directory: checkpoints/last.pt, results
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from advtrain.data import Data, build_data
+from advtrain.engine.atomic import is_disk_full, remove_stale_temps
 from advtrain.engine.checkpoint import (CheckpointError, build_network, load_checkpoint, model_spec,
                                        save_checkpoint)
 from advtrain.engine.context import TrainContext
@@ -24,6 +26,7 @@ from advtrain.engine.loop import LoopState, run_epochs
 from advtrain.engine.optim import build_optimizer
 from advtrain.engine.precision import Runtime, resolve_runtime, rng_state, seed_everything, set_rng_state
 from advtrain.engine.results import attack_suite, build_results, eval_settings, write_results
+from advtrain.engine.signals import stop_at_once
 from advtrain.attacks import PassCounter
 from advtrain.logging import console as con
 from advtrain.logging.wandb_logger import NullLogger, build_logger
@@ -38,15 +41,39 @@ TRAJECTORY_KEYS = ("arch", "method", "optim", "schedule", "seed", "trainer.epoch
                    "dataset.n_train", "dataset.noise")
 
 
+class LastCheckpoint:
+    """The newest checkpoint on disk, described for the messages of a failed write or a stop outside the loop."""
+
+    def __init__(self):
+        self.text: str | None = None
+
+    def record(self, path: Path, loop: dict) -> None:
+        where = (f"epoch {loop['epoch'] + 1}, batch {loop['batch']}" if loop["batch"] else
+                 f"after epoch {loop['epoch']}")
+        self.text = f"{path} ({'finished' if loop.get('finished') else where})"
+
+
 def train(cfg, run_dir: Path, dist: Dist = SINGLE, device_index: int = 0) -> dict[str, Any]:
     """Train and evaluate on this process's device; with several ranks every rank calls this (see distributed.py).
-    device_index: the CUDA device of a one-process run; a rank uses the one of its local rank."""
+    device_index: the CUDA device of a one-process run; a rank uses the one of its local rank. The caller holds
+    the run directory (advtrain.engine.rundir), so nothing else writes there meanwhile."""
+    last = LastCheckpoint()
+    with stop_at_once(run_dir, lambda: last.text) as stops:
+        return _train(cfg, run_dir, dist, device_index, stops, last)
+
+
+def _train(cfg, run_dir: Path, dist: Dist, device_index: int, stops, last: LastCheckpoint) -> dict[str, Any]:
     rt = resolve_runtime(cfg.trainer, dist.local_rank if dist.enabled else device_index)
     seed_everything(rank_seed(cfg.seed, dist.rank), cfg.trainer.deterministic)
     con.console.quiet = not dist.is_main  # rank 0 alone prints, logs and writes files
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     results_path = run_dir / "results.json"
+    if dist.is_main:
+        for tmp in remove_stale_temps(run_dir, ckpt_path.parent):
+            con.console.print(f"removed {tmp.name}, left by a write that was interrupted", markup=False)
     resume_state = _resume_state(cfg, ckpt_path, dist.world_size)
+    if resume_state is not None:
+        last.record(Path(cfg.resume if cfg.resume != "auto" else ckpt_path), resume_state["loop"])
     if resume_state is not None and resume_state["loop"]["finished"] and _evaluated(results_path, cfg):
         con.console.print(f"already finished: {results_path} (resume=never starts over)")
         return json.loads(results_path.read_text())
@@ -71,14 +98,18 @@ def train(cfg, run_dir: Path, dist: Dist = SINGLE, device_index: int = 0) -> dic
         mine = to_cpu({"method": method.state_dict(), "rng": rng_state(), "counter": counter.state_dict()})
         ranks = dist.gather(mine)
         if dist.is_main:
-            save_checkpoint({
+            checkpoint = {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
                 "method": mine["method"], "loader": data.train.state_dict(), "rng": mine["rng"],
                 "counter": {"total": sum(r["counter"]["total"] for r in ranks)}, "updates": ctx.updates,
                 "loop": vars(loop_state).copy(), "config": config_yaml, "model_spec": spec,
                 "world_size": dist.world_size, "ranks": ranks if dist.enabled else None,
-            }, path)
+            }
+            with _reporting_full_disk(path, last):
+                save_checkpoint(checkpoint, path)
+            if path == ckpt_path:
+                last.record(path, checkpoint["loop"])
         dist.barrier()  # no rank moves on (or exits) before the checkpoint is on disk
         return str(path)
 
@@ -112,6 +143,7 @@ def train(cfg, run_dir: Path, dist: Dist = SINGLE, device_index: int = 0) -> dic
 
             run_epochs(ctx, method, data.train, cfg, state, progress=progress, save=save, on_epoch=on_epoch,
                        periodic_eval=periodic_eval if cfg.eval.every else None)
+        stops.phase = "during the final evaluation"
         con.console.print(f"final evaluation on {cfg.eval.n or data.test.n_examples} test examples: "
                           f"clean, {', '.join(suite) or 'no attacks'}")
         sync_buffers(model, dist)
@@ -122,7 +154,8 @@ def train(cfg, run_dir: Path, dist: Dist = SINGLE, device_index: int = 0) -> dic
         results = build_results(cfg, state, passes, data.train.n_examples, scores, rt,
                                 checkpoint=str(ckpt_path), world_size=dist.world_size)
         if dist.is_main:
-            write_results(results, results_path)
+            with _reporting_full_disk(results_path, last):
+                write_results(results, results_path)
         logger.log({**{f"eval/{k}": v for k, v in scores.items() if k != "n"}, "train_time_s": state.train_time_s})
         logger.summary({"train_time_s": state.train_time_s, "passes_per_example": results["passes_per_example"],
                         **{f"final/{k}": v for k, v in scores.items()}})
@@ -132,6 +165,18 @@ def train(cfg, run_dir: Path, dist: Dist = SINGLE, device_index: int = 0) -> dic
         return results
     finally:
         logger.finish(exit_code)
+
+
+@contextmanager
+def _reporting_full_disk(path: Path, last: LastCheckpoint):
+    """A full disk is the user's to fix: one line that says so and what is kept, not torch's zip-writer traceback."""
+    try:
+        yield
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        kept = f"the checkpoint {last.text} is kept" if last.text else "no earlier checkpoint exists"
+        raise CheckpointError(f"no space left on device writing {path}; {kept}") from None
 
 
 @dataclass
@@ -212,7 +257,13 @@ def _resume_state(cfg, ckpt_path: Path, world_size: int) -> dict | None:
     path = ckpt_path if cfg.resume == "auto" else Path(cfg.resume)
     if cfg.resume == "auto" and not path.exists():
         return None
-    state = load_checkpoint(path)
+    try:
+        state = load_checkpoint(path)
+    except CheckpointError as e:
+        if cfg.resume != "auto":
+            raise
+        raise CheckpointError(f"{e}; to start this run over instead, rerun with resume=never (its checkpoint is "
+                              "then replaced)") from None
     written_by = int(state.get("world_size", 1))
     if written_by != world_size and not state["loop"]["finished"]:
         # Each rank's RNG stream and method state (FREE's perturbations, ...) belong to its shard of the data.

@@ -3,6 +3,9 @@
 SIGTERM and SIGUSR1 stop the run after a checkpoint. SIGUSR2 is submitit's "time limit near / preempted" signal:
 the loop writes its checkpoint first and then hands the signal to the handler that was installed before ours
 (submitit's, which requeues the job; the requeued job resumes from the checkpoint with resume=auto).
+
+Outside the loop (loading data, building the model, the final evaluation) there is nothing new to save: a stop
+signal ends the run at once, with the same one-line report and exit status, and the last checkpoint stands.
 """
 from __future__ import annotations
 
@@ -15,17 +18,50 @@ STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Interrupted(Exception):
-    """Raised by the loop after it has written a checkpoint in response to a signal."""
+    """A stop signal ended the run: raised by the loop after it has written a checkpoint (`checkpoint`), or outside
+    the loop at once (`checkpoint` None; `phase` says where, `kept` which earlier checkpoint stands, if any)."""
 
-    def __init__(self, signum: int, checkpoint: str, previous_handler=None):
+    def __init__(self, signum: int, checkpoint: str | None, previous_handler=None, *, phase: str | None = None,
+                 run_dir: Path | None = None, kept: str | None = None):
         self.signum = signum
         self.checkpoint = checkpoint
+        if isinstance(previous_handler, StopAtOnce):  # the loop ran inside it: chain what was there before us
+            previous_handler = previous_handler.previous.get(signum)
         # What the process did with this signal before training caught it (submitit's requeue), if anything.
         self.chain: Callable | None = previous_handler if callable(previous_handler) else None
-        run_dir = Path(checkpoint).parent.parent
-        super().__init__(f"stopped by {signal.Signals(signum).name}; checkpoint written to {checkpoint}; to "
-                         f"continue, rerun the command (a sweep finds its folders again; a single run needs "
-                         f"hydra.run.dir={run_dir}): resume=auto, the default, picks it up")
+        name = signal.Signals(signum).name
+        if checkpoint is not None:
+            run_dir, saved = Path(checkpoint).parent.parent, f"checkpoint written to {checkpoint}"
+        else:
+            saved = f"the checkpoint {kept} stands" if kept else "no checkpoint had been written yet"
+        where = f" {phase}" if phase else ""
+        rerun = f"a single run needs hydra.run.dir={run_dir}" if run_dir is not None else "with the same run directory"
+        super().__init__(f"stopped by {name}{where}; {saved}; to continue, rerun the command (a sweep finds its "
+                         f"folders again; {rerun}): resume=auto, the default, picks it up")
+
+
+class StopAtOnce:
+    """Signal handler outside the loop: raise Interrupted where the program is. `phase` is kept current by the
+    caller ("while loading the data", "during the final evaluation")."""
+
+    def __init__(self, run_dir: Path, kept: Callable[[], str | None]):
+        self.run_dir, self.kept = run_dir, kept
+        self.phase = "before training started"
+        self.previous: dict[int, object] = {}
+
+    def __call__(self, signum, frame) -> None:
+        raise Interrupted(signum, None, self, phase=self.phase, run_dir=self.run_dir, kept=self.kept())
+
+
+@contextmanager
+def stop_at_once(run_dir: Path, kept: Callable[[], str | None]):
+    handler = StopAtOnce(run_dir, kept)
+    handler.previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+    try:
+        yield handler
+    finally:
+        for s, previous in handler.previous.items():
+            signal.signal(s, previous)
 
 
 class SignalFlag:

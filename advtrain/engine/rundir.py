@@ -1,0 +1,99 @@
+"""One process at a time in a run directory: an exclusive flock on `<run dir>/.lock`.
+
+Two commands on one `hydra.run.dir`, or a sweep rerun while it still runs, would otherwise train the same run twice
+at once and write one checkpoint over the other. The kernel releases the lock when its holder dies, however it dies,
+so a lock never outlives a crash, a kill -9 or a preemption. The holder's pid is written into the file for the
+message the next process shows. Filesystems without flock (some NFS and Lustre mounts) get a warning and no lock.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import warnings
+from contextlib import contextmanager
+from pathlib import Path
+
+from advtrain.config import ConfigError
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock
+    fcntl = None
+
+LOCK_NAME = ".lock"
+
+
+class RunDirBusy(ConfigError):
+    """Another live process holds this run directory."""
+
+    def __init__(self, run_dir: Path, pid: int | None):
+        self.run_dir, self.pid = run_dir, pid
+        holder = f"pid {pid}" if pid else "another process"
+        super().__init__(f"{run_dir} is in use by {holder} (another advtrain is training in this run directory; "
+                         "wait for it, stop it, or choose another hydra.run.dir)")
+
+
+def _holder(fd: int) -> int | None:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+        return int(text) if text else None
+    except (OSError, ValueError):
+        return None
+
+
+@contextmanager
+def exclusive(run_dir: Path):
+    """Hold `run_dir` for the duration; raises RunDirBusy at once if another process holds it."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield
+        return
+    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirBusy(run_dir, _holder(fd)) from None
+        except OSError as e:
+            if e.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise
+            warnings.warn(f"{run_dir}: this filesystem does not support locks; two commands on this run directory "
+                          "would not be stopped from training at once")
+        else:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def is_held_elsewhere(run_dir: Path) -> bool:
+    """Whether another process holds `run_dir` now (to leave its folder alone)."""
+    path = run_dir / LOCK_NAME
+    if fcntl is None or not path.is_file():
+        return False
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        return False
+    except OSError:
+        return True
+    finally:
+        os.close(fd)
+
+
+def discard_if_fresh(run_dir: Path, hydra_files: set[str]) -> None:
+    """Remove a run folder that holds nothing but Hydra's own files (and a released lock): a run that failed before
+    writing anything leaves no folder behind, nor the empty dated folders Hydra made above it inside the working
+    directory. A folder another process holds is never touched."""
+    if not run_dir.is_dir() or is_held_elsewhere(run_dir):
+        return
+    if not {p.name for p in run_dir.iterdir()} <= hydra_files | {LOCK_NAME}:
+        return
+    shutil.rmtree(run_dir)
+    cwd = Path.cwd().resolve()
+    parent = run_dir.resolve().parent
+    while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
+        parent.rmdir()
+        parent = parent.parent
