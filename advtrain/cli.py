@@ -126,6 +126,9 @@ def _run(entry) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         entry()
+    except BrokenPipeError:  # `advtrain --help | head`: the reader has gone, nothing is left to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
     except Exception as e:
         message = describe_hydra_error(e) or _run_dir_error(e)
         if debug or message is None:

@@ -55,7 +55,7 @@ CHOICES = {
     "dataset.name": ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic"),
 }
 POSITIVE = ("trainer.epochs", "trainer.batch_size", "trainer.devices", "eval.batch_size", "eval.every_n",
-            "trainer.nan_check_every", "optim.lr")
+            "trainer.nan_check_every", "optim.lr", "logger.init_timeout_s")
 NON_NEGATIVE = ("trainer.checkpoint_every", "eval.every", "dataset.val_size", "dataset.crop_padding",
                 "optim.weight_decay", "dataset.pgd_steps", "trainer.eps_warmup")
 

@@ -97,6 +97,7 @@ class EvalConfig:
     batch_size: int = 500
     every: int = 0                           # epochs between periodic evaluations (0 = only at the end)
     every_n: int = 1000                      # examples in each periodic evaluation
+    seed: int = 0                            # the attacks' random starts: the same checkpoint gives the same numbers
 
 
 @dataclass
@@ -108,6 +109,7 @@ class LoggerConfig:
     tags: List[str] = field(default_factory=list)
     run_name: Optional[str] = None
     mode: str = "auto"                       # auto (offline without credentials) | online | offline | disabled
+    init_timeout_s: float = 15.0             # W&B unreachable this long at the start: the run logs offline instead
 
 
 @dataclass

@@ -83,6 +83,14 @@ def register_resolvers() -> None:
                                         use_cache=True)
     if not OmegaConf.has_resolver("advtrain_parallel_jobs"):
         OmegaConf.register_new_resolver("advtrain_parallel_jobs", parallel_jobs)
+    if not OmegaConf.has_resolver("advtrain_options"):  # advtrain-eval's --help: the one group it takes
+        OmegaConf.register_new_resolver("advtrain_options", group_options)
+
+
+def group_options(group: str) -> str:
+    """The options of a config group, as `advtrain --help` lists them: 'a, b, c'."""
+    folder = Path(__file__).parent / "conf" / group
+    return ", ".join(sorted(p.stem for p in folder.glob("*.yaml")))
 
 
 def _joblib_config():

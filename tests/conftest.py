@@ -11,7 +11,9 @@ import pytest
 from hydra import compose, initialize_config_module
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("ADVTRAIN_DATA_SHARED", REPO.parent / "shared" / "data"))
+# Real MNIST / Fashion-MNIST in torchvision's layout: $ADVTRAIN_DATA (the folder advtrain's dataset.root defaults to),
+# else ../shared/data beside the checkout; tests that need them skip where neither holds them.
+SHARED_DATA = Path(os.environ.get("ADVTRAIN_DATA", REPO.parent / "shared" / "data"))
 
 # Small, fast, deterministic settings for end-to-end runs on synthetic data.
 TINY = ["dataset=synthetic", "arch=mnist_net", "logger=none", "trainer.epochs=2", "trainer.batch_size=64",

@@ -63,6 +63,24 @@ def test_eval_command_writes_the_same_results_fields(trained, tmp_path):
     assert (results["method"], results["epochs"]) == ("fgsm_rs", 2)
 
 
+def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(trained, tmp_path):
+    args = [f"checkpoint={trained / 'checkpoints' / 'last.pt'}", "attack=[pgd20]", "eval.n=64"]
+    runs = []
+    for name in ("first", "second"):
+        proc = run_cli([*args, f"hydra.run.dir={tmp_path / name}"], cwd=tmp_path, program="advtrain-eval")
+        assert proc.returncode == 0, proc.stderr
+        runs.append(json.loads((tmp_path / name / "results.json").read_text()))
+    assert runs[0]["eval"] == runs[1]["eval"]
+    assert runs[0]["eval_settings"]["seed"] == 0
+
+
+def test_eval_help_lists_only_what_advtrain_eval_takes(tmp_path):
+    proc = run_cli(["--help"], cwd=tmp_path, program="advtrain-eval")
+    assert proc.returncode == 0
+    assert "attack: autoattack, cw, fgsm, pgd20, pgd50" in proc.stdout
+    assert "method:" not in proc.stdout and "optim:" not in proc.stdout and "experiment:" not in proc.stdout
+
+
 def test_help_lists_groups_and_options(tmp_path):
     proc = run_cli(["--help"], cwd=tmp_path)
     assert proc.returncode == 0

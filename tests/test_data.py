@@ -1,6 +1,6 @@
 """advtrain.data: file readers, corrupt-file handling, the device-resident loader, synthetic data, image folders.
 
-Real MNIST / Fashion-MNIST come from shared/data (or $ADVTRAIN_DATA) and are skipped when it is absent; every other
+Real MNIST / Fashion-MNIST come from $ADVTRAIN_DATA (default ../shared/data) and are skipped when it is absent; every other
 dataset is written here, small, in its official format.
 """
 
@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 from advtrain.data import Batch, DataError, EvalSet, TrainLoader, apply_augmentation, build_data
 from advtrain.data.mnist import read_mnist
 from advtrain.data.synthetic import robust_mask
+from conftest import SHARED_DATA
 
-SHARED_DATA = Path(os.environ.get("ADVTRAIN_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 CPU = torch.device("cpu")
 
 
@@ -153,6 +153,22 @@ def test_failed_download_says_how_to_get_the_files(tmp_path, monkeypatch):
     monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
     with pytest.raises(DataError, match=r"could not download mnist.*by hand from https://.*MNIST/raw"):
         build_data(make_cfg(name="mnist", root=str(tmp_path), download=True), device=CPU, seed=0, batch_size=8)
+
+
+def test_offline_cifar_names_the_archive_the_absolute_folder_the_files_and_dataset_root(tmp_path, monkeypatch):
+    def offline(*args, **kwargs):
+        raise OSError("Name or service not known")
+
+    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError) as info:  # the default root, "data", relative to where the user stands
+        build_data(make_cfg(name="cifar10", root="data", download=True, mean=[0.5] * 3, std=[0.25] * 3),
+                   device=CPU, seed=0, batch_size=8)
+    message = str(info.value)
+    assert f"download cifar-10-python.tar.gz by hand from https://www.cs.toronto.edu/" in message
+    assert f"extract it in {tmp_path / 'data'} (the archive holds the folder cifar-10-batches-py/ with " \
+           "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch)" in message
+    assert "dataset.root=" in message and "\n" not in message
 
 
 # --- CIFAR pickles and SVHN .mat -------------------------------------------------------------------------------

@@ -74,11 +74,13 @@ def read_cifar(name: str, root: Path, *, download: bool, check: bool) -> tuple[n
         "test": [(folder / filename, md5) for filename, md5 in tv.test_list],
     }
     every = files["train"] + files["test"]
+    by_hand = (f"download {tv.filename} by hand from {tv.url} and extract it in {root.resolve()} (the archive holds "
+               f"the folder {tv.base_folder}/ with {', '.join(path.name for path, _ in every)})")
     if download and not all(path.is_file() for path, _ in every):
-        fetch(name, root, tv.url, lambda: download_archive(tv.url, root, tv.filename, tv.tgz_md5))
+        fetch(name, lambda: download_archive(tv.url, root, tv.filename, tv.tgz_md5), by_hand)
     missing = [path.name for path, _ in every if not path.is_file()]
     if missing:
-        raise missing_files(name, folder, missing, tv.url)
+        raise missing_files(name, folder, missing, by_hand)
     arrays = []
     for split in ("train", "test"):
         if check:

@@ -1,7 +1,8 @@
 """Finding, checking and downloading the official dataset files.
 
 Downloads go through torchvision.datasets.utils, which also checks the archive's md5. Without network access the
-DataError says where to get the files by hand and which folder they go in.
+DataError says where to get the files by hand, the absolute folder they go in, the exact names expected there, and
+that dataset.root can point at a folder that already holds them.
 """
 
 import hashlib
@@ -30,20 +31,21 @@ def check_md5(path: Path, expected: str) -> None:
         )
 
 
-def missing_files(dataset: str, folder: Path, names: Iterable[str], source: str) -> DataError:
+def missing_files(dataset: str, folder: Path, names: Iterable[str], by_hand: str) -> DataError:
+    """`by_hand`: how to get the files without advtrain's download, e.g. "download X from URL and extract it in F"."""
     return DataError(
-        f"{dataset} files not found: expected {', '.join(names)} in {folder}; set dataset.download=true "
-        f"or download them by hand from {source}"
+        f"{dataset} files not found: expected {', '.join(names)} in {folder.resolve()}; set dataset.download=true, "
+        f"or {by_hand}, or point dataset.root=... at the folder that already holds them"
     )
 
 
-def fetch(dataset: str, folder: Path, source: str, download: Callable[[], None]) -> None:
+def fetch(dataset: str, download: Callable[[], None], by_hand: str) -> None:
     try:
         download()
     except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; a bad archive md5 a RuntimeError
         raise DataError(
-            f"could not download {dataset} ({type(e).__name__}: {e}); without network access, download it by hand "
-            f"from {source} and put the files in {folder}"
+            f"could not download {dataset} ({type(e).__name__}: {e}); without network access, {by_hand}, or point "
+            "dataset.root=... at the folder that already holds the files"
         ) from e
 
 

@@ -69,13 +69,15 @@ def read_mnist(name: str, root: Path, *, download: bool, check: bool) -> tuple[n
 
     paths = locate()
     missing = [stem for stem, path in paths.items() if path is None]
+    by_hand = (f"download {', '.join(f'{stem}.gz' for stem in _STEMS)} by hand from {source} into "
+               f"{folder.resolve()} (gzipped or not)")
     if missing and download:
         for stem in missing:
-            fetch(name, folder, source, lambda: _download(tv, folder, f"{stem}.gz", gz_md5[stem]))
+            fetch(name, lambda: _download(tv, folder, f"{stem}.gz", gz_md5[stem]), by_hand)
         paths = locate()
         missing = [stem for stem, path in paths.items() if path is None]
     if missing:
-        raise missing_files(name, folder, [f"{stem}[.gz]" for stem in missing], source)
+        raise missing_files(name, folder, [f"{stem}[.gz]" for stem in missing], by_hand)
     if check:
         for stem, path in paths.items():
             check_md5(path, gz_md5[stem] if path.suffix == ".gz" else _RAW_MD5[name][stem])

@@ -45,12 +45,13 @@ def read_svhn(root: Path, *, download: bool, check: bool) -> tuple[np.ndarray, .
     _loadmat()  # fail before a 180 MB download that could not be read
     splits = [SVHN.split_list[split] for split in ("train", "test")]  # [url, filename, md5]
     source = splits[0][0].rsplit("/", 1)[0] + "/"
+    by_hand = f"download {', '.join(name for _, name, _ in splits)} by hand from {source} into {root.resolve()}"
     for url, filename, md5 in splits:
         if download and not (root / filename).is_file():
-            fetch("svhn", root, source, lambda: download_file(url, root, filename, md5))
+            fetch("svhn", lambda: download_file(url, root, filename, md5), by_hand)
     missing = [filename for _, filename, _ in splits if not (root / filename).is_file()]
     if missing:
-        raise missing_files("svhn", root, missing, source)
+        raise missing_files("svhn", root, missing, by_hand)
     arrays = []
     for _, filename, md5 in splits:
         if check:

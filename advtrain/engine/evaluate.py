@@ -20,11 +20,20 @@ from advtrain.engine.distributed import SINGLE, Dist
 
 
 def evaluate(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n: int | None, batch_size: int,
-             views: Iterable = (("", nullcontext()),), on_progress: Callable[[str], None] | None = None,
-             dist: Dist = SINGLE) -> dict:
+             seed: int = 0, views: Iterable = (("", nullcontext()),),
+             on_progress: Callable[[str], None] | None = None, dist: Dist = SINGLE) -> dict:
+    """`seed` seeds the attacks' random starts on a forked RNG: the numbers repeat, and the caller's stream (training
+    after a periodic evaluation) goes on as if no evaluation had run."""
     attacks = {name: build_attack(name, spec) for name, spec in suite.items()}
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
+    with torch.random.fork_rng([device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        return _evaluate(model, evalset, attacks, n, batch_size, views, on_progress, dist, was_training)
+
+
+def _evaluate(model, evalset, attacks, n, batch_size, views, on_progress, dist, was_training) -> dict:
     results: dict = {}
     total = 0
     try:

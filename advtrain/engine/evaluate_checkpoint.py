@@ -24,7 +24,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     combined = OmegaConf.create({
         "dataset": OmegaConf.to_container(OmegaConf.merge(saved.dataset, overrides)),
         "attack": OmegaConf.to_container(cfg.attack, resolve=False),
-        "eval": OmegaConf.to_container(cfg.eval), "trainer": OmegaConf.to_container(cfg.trainer), "seed": cfg.seed,
+        "eval": OmegaConf.to_container(cfg.eval), "trainer": OmegaConf.to_container(cfg.trainer),
     })
     checked = check_config(combined, {"dataset": DatasetConfig, "eval": EvalConfig, "trainer": TrainerConfig})
     if checked.trainer.devices != 1:
@@ -37,7 +37,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     con.console.print(f"evaluating {cfg.checkpoint} on {checked.eval.n or data.test.n_examples} test examples: "
                       f"clean, {', '.join(suite) or 'no attacks'}")
     scores = evaluate(model, data.test, suite, n=checked.eval.n, batch_size=checked.eval.batch_size,
-                      views=method.eval_views(model),
+                      seed=checked.eval.seed, views=method.eval_views(model),
                       on_progress=lambda line: con.console.print(line, markup=False))
     loop = LoopState(**state["loop"])
     record = OmegaConf.merge(saved, {"dataset": checked.dataset, "attack": checked.attack, "eval": checked.eval})

@@ -66,7 +66,7 @@ def attack_suite(cfg) -> dict:
 
 def eval_settings(cfg) -> dict:
     """What the final evaluation runs; results.json records it so that a finished run is not evaluated again."""
-    return {"attacks": attack_suite(cfg), "n": cfg.eval.n}
+    return {"attacks": attack_suite(cfg), "n": cfg.eval.n, "seed": cfg.eval.seed}
 
 
 def write_results(results: dict[str, Any], path: Path) -> None:

@@ -119,7 +119,8 @@ def _train(cfg, run_dir: Path, dist: Dist, device_index: int, stops, last: LastC
     def periodic_eval() -> dict:
         sync_buffers(model, dist)
         scores = evaluate(ctx.attack_model, monitor_set, periodic_suite(suite), n=cfg.eval.every_n,
-                          batch_size=cfg.eval.batch_size, views=method.eval_views(model), dist=dist)
+                          batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, views=method.eval_views(model),
+                          dist=dist)
         # Model selection on the held-out split only (never on the test set): keep the most robust weights.
         if data.val is not None:
             score = scores[next((k for k in scores if k not in ("n", "clean")), "clean")]
@@ -147,7 +148,7 @@ def _train(cfg, run_dir: Path, dist: Dist, device_index: int, stops, last: LastC
         con.console.print(f"final evaluation on {cfg.eval.n or data.test.n_examples} test examples: "
                           f"clean, {', '.join(suite) or 'no attacks'}")
         sync_buffers(model, dist)
-        scores = evaluate(model, data.test, suite, n=cfg.eval.n, batch_size=cfg.eval.batch_size,
+        scores = evaluate(model, data.test, suite, n=cfg.eval.n, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
                           views=method.eval_views(model), dist=dist,
                           on_progress=lambda line: con.console.print(line, markup=False))
         (passes,) = dist.sum([counter.total])

@@ -17,9 +17,11 @@ from typing import Callable
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
 
-class Interrupted(Exception):
+class Interrupted(BaseException):
     """A stop signal ended the run: raised by the loop after it has written a checkpoint (`checkpoint`), or outside
-    the loop at once (`checkpoint` None; `phase` says where, `kept` which earlier checkpoint stands, if any)."""
+    the loop at once (`checkpoint` None; `phase` says where, `kept` which earlier checkpoint stands, if any).
+    A BaseException, like KeyboardInterrupt: a request to stop, which no `except Exception` (a logging guard, a
+    failed benchmark row) may swallow wherever the signal lands."""
 
     def __init__(self, signum: int, checkpoint: str | None, previous_handler=None, *, phase: str | None = None,
                  run_dir: Path | None = None, kept: str | None = None):

@@ -15,6 +15,8 @@ from rich.syntax import Syntax
 from rich.table import Table
 
 console = Console(highlight=False)
+# Cluster logs and pipes are read with grep and tail: one record per line, never wrapped at rich's default 80 columns.
+console.soft_wrap = not console.is_terminal
 
 
 def print_config(yaml_text: str) -> None:
