@@ -22,9 +22,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from advtrain.engine.launch import discard_fresh_run_dir
-from advtrain.engine.rundir import RunDirBusy
-from advtrain.errors import USER_ERRORS, describe_hydra_error
+from advtrain.config import ConfigError
+from advtrain.engine.rundir import RunDirBusy, discard_fresh_run_dir
+from advtrain.errors import describe_hydra_error, user_errors
 from advtrain.sweep import register_resolvers
 
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -44,15 +44,24 @@ def _one_line_errors(task):
             if e.chain is not None:  # submitit's handler: requeue the job, which resumes from the checkpoint
                 e.chain(e.signum, None)
             sys.exit(128 + e.signum)
-        except USER_ERRORS as e:
-            if _debug():
-                raise
-            if not isinstance(e, RunDirBusy):  # that folder is another process's
-                discard_fresh_run_dir()
-            _exit(f"error: {e}", 2)
+        except KeyboardInterrupt:  # a second Ctrl-C
+            _exit("interrupted again: stopped at once, without a checkpoint of this moment (the last one stands; "
+                  "rerun the command to continue from it)", 130)
+        except ConfigError as e:  # before torch is imported: a config error answers at once
+            _user_error(e)
+        except user_errors() as e:  # evaluated only while an exception is matched, when torch is loaded anyway
+            _user_error(e)
 
     wrapped.__name__, wrapped.__doc__ = task.__name__, task.__doc__
     return wrapped
+
+
+def _user_error(e: Exception):
+    if _debug():
+        raise e
+    if not isinstance(e, RunDirBusy):  # that folder is another process's
+        discard_fresh_run_dir()
+    _exit(f"error: {e}", 2)
 
 
 def _program() -> str:
@@ -73,13 +82,13 @@ def _debug() -> bool:
 @_one_line_errors
 def _train(cfg: DictConfig):
     from advtrain.config import check_config
-    from advtrain.engine.launch import run_training
     from advtrain.schema import TRAIN_SECTIONS
-
     from advtrain.sweep import claim_device, cpu_threads_per_job
 
     hydra_cfg = HydraConfig.get()
     checked = check_config(cfg, TRAIN_SECTIONS)
+    from advtrain.engine.launch import run_training  # torch: only once the config is known to be good
+
     threads = cpu_threads_per_job()  # parallel jobs on one machine share its cores
     if threads is not None:
         import torch
@@ -126,6 +135,8 @@ def _run(entry) -> None:
     os.environ["HYDRA_FULL_ERROR"] = "1"
     try:
         entry()
+    except KeyboardInterrupt:  # Ctrl-C before the run started (composing the config, importing)
+        _exit("interrupted", 130)
     except BrokenPipeError:  # `advtrain --help | head`: the reader has gone, nothing is left to say
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         sys.exit(141)

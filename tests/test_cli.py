@@ -130,6 +130,7 @@ def test_wandb_without_credentials_runs_offline_and_holds_the_logged_metrics(tmp
                    env=no_credentials, timeout=120)
     assert proc.returncode == 0, proc.stderr
     files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert f"W&B: offline run written under {tmp_path / 'wandb'}; upload it with: wandb sync" in proc.stdout
     assert len(files) == 1
     run = read_run(files[0])
     results = json.loads((tmp_path / "results.json").read_text())

@@ -52,3 +52,18 @@ def test_a_run_that_needs_a_missing_package_stops_before_training(tmp_path, args
     assert proc.stderr.strip().count("\n") == 0 and f"needs the {package} package" in proc.stderr
     assert f"pip install {package}" in proc.stderr
     assert not run_dir.exists()
+
+
+@pytest.mark.parametrize("argv", [["--help"], ["trainer.epoch=3"], ["dataset.eps=12", "logger=none"]])
+def test_help_and_config_errors_import_no_torch(argv, tmp_path):
+    """`advtrain --help` and a config error answer before torch (seconds to import) is loaded."""
+    code = ("import sys, contextlib, io\n"
+            f"sys.argv = ['advtrain', *{argv!r}, 'hydra.run.dir={tmp_path / 'run'}']\n"
+            "import advtrain.cli\n"
+            "assert 'torch' not in sys.modules, 'importing the CLI loaded torch'\n"
+            "with contextlib.redirect_stdout(io.StringIO()), contextlib.suppress(SystemExit):\n"
+            "    advtrain.cli.train()\n"
+            "print('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "False", proc.stderr

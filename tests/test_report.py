@@ -139,7 +139,7 @@ def test_wandb_offline_run_holds_the_table_and_plot(sweep, tmp_path, capsys, mon
     assert logged["report/_type"] == "table-file" and logged["report/nrows"] == 4
     assert logged["autoattack_vs_train_time/_type"] == "image-file"
     table = json.loads((run_files[0].parent / "files" / logged["report/path"]).read_text())
-    assert table["columns"][:5] == ["method", "dataset", "arch", "runs", "clean_mean_pct"]
+    assert table["columns"][:6] == ["method", "dataset", "arch", "setting", "runs", "clean_mean_pct"]
     assert [row[0] for row in table["data"]] == ["fgsm_rs", "pgd", "natural", "trades"]
 
 
@@ -151,3 +151,73 @@ def _run_record(path: Path) -> tuple[str, str, str]:
         record.ParseFromString(raw)
         if record.WhichOneof("record_type") == "run":
             return record.run.project, record.run.run_group, record.run.job_type
+
+
+def _write(folder: Path, method: str, seed: int, clean: float, time_s: float = 10.0, eps: float = 0.1,
+           epochs: int = 2, n: int = 100, steps: int = 10, **extra) -> None:
+    """A results.json as advtrain writes it, with the resolved config that defines its experiment."""
+    folder.mkdir(parents=True)
+    config = {"seed": seed, "dataset": {"name": "mnist", "eps": eps, "root": str(folder)},
+              "arch": {"name": "mnist_net"}, "method": {"name": method, "steps": steps},
+              "trainer": {"epochs": epochs, "batch_size": 128, "progress": "lines"}, "eval": {"n": n},
+              "attack": {"pgd20": {"type": "pgd", "steps": 20}}, "logger": {"name": "none"}}
+    results = {"kind": "train", "method": method, "dataset": "mnist", "arch": "mnist_net", "epochs": epochs,
+               "seed": seed, "train_time_s": time_s, "passes_per_example": 11.0,
+               "eval": {"n": n, "clean": clean, "pgd20": clean / 2}, "config": config,
+               "checkpoint": str(folder / "checkpoints" / "last.pt"), **extra}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_runs_of_different_settings_are_never_averaged_and_say_what_differs(tmp_path, capsys):
+    _write(tmp_path / "a0", "gaat", 0, 0.90, eps=0.1, epochs=2, n=100)
+    _write(tmp_path / "a1", "gaat", 1, 0.92, eps=0.1, epochs=2, n=100)  # another seed: averaged
+    _write(tmp_path / "b0", "gaat", 0, 0.80, eps=0.3, epochs=10, n=1000)
+    _write(tmp_path / "c0", "gaat", 0, 0.70, eps=0.1, epochs=2, n=100, steps=40)  # another method setting
+    runs = collect(tmp_path)
+    rows = aggregate(runs, metric_names(runs))
+    assert sorted((r.runs, r.acc_pct["clean"][0], r.differs) for r in rows) == pytest.approx([
+        (1, 70.0, "dataset.eps=0.1, eval.n=100, method.steps=40, trainer.epochs=2"),
+        (1, 80.0, "dataset.eps=0.3, eval.n=1000, method.steps=10, trainer.epochs=10"),
+        (2, 91.0, "dataset.eps=0.1, eval.n=100, method.steps=10, trainer.epochs=2"),
+    ])
+    status, out, _ = report([tmp_path], capsys)
+    assert status == 0 and "setting" in out and "dataset.eps=0.3" in out
+    assert (tmp_path / "report.md").read_text().splitlines()[0].startswith("| method | dataset | arch | setting |")
+
+
+def test_time_relative_to_pgd_only_against_pgd_of_the_same_setting(tmp_path):
+    _write(tmp_path / "pgd_eps01", "pgd", 0, 0.9, time_s=100.0, eps=0.1)
+    _write(tmp_path / "gaat_eps01", "gaat", 0, 0.9, time_s=20.0, eps=0.1)
+    _write(tmp_path / "gaat_eps03", "gaat", 0, 0.8, time_s=30.0, eps=0.3)  # no PGD-AT at eps 0.3
+    runs = collect(tmp_path)
+    rows = {(r.method, r.differs): r for r in aggregate(runs, metric_names(runs))}
+    assert rows[("gaat", "dataset.eps=0.1")].time_vs_pgd == pytest.approx(0.2)
+    assert rows[("gaat", "dataset.eps=0.3")].time_vs_pgd is None
+    assert rows[("pgd", "")].time_vs_pgd == 1.0
+
+
+def test_an_evaluation_of_a_checkpoint_is_listed_apart_never_counted_as_a_run(tmp_path, capsys):
+    _write(tmp_path / "train", "pgd", 0, 0.90)
+    # advtrain-eval's record in its own folder, of the checkpoint trained above (an old one, without "kind")
+    evaluation = tmp_path / "eval" / "2026-11-30"
+    _write(evaluation, "pgd", 0, 0.10, checkpoint=str(tmp_path / "train" / "checkpoints" / "last.pt"))
+    record = json.loads((evaluation / "results.json").read_text())
+    del record["kind"]
+    (evaluation / "results.json").write_text(json.dumps(record))
+    status, out, _ = report([tmp_path], capsys)
+    assert status == 0
+    rows = list(csv.DictReader((tmp_path / "report.csv").open(newline="")))
+    assert len(rows) == 1 and rows[0]["runs"] == "1" and float(rows[0]["clean_mean_pct"]) == pytest.approx(90.0)
+    assert "1 evaluation of checkpoints" in out and str(tmp_path / "train") in out
+    md = (tmp_path / "report.md").read_text()
+    assert "Evaluations of checkpoints (advtrain-eval; not counted as runs above):" in md
+    assert f"| pgd | mnist | mnist_net | 0 | {tmp_path / 'train'} | 100 | 10.00 | 5.00 |" in md
+
+
+def test_the_plot_axis_stays_readable_when_runs_agree(tmp_path):
+    from advtrain.report.plot import y_limits
+
+    assert y_limits([50.0, 50.0]) == (45.0, 55.0)
+    assert y_limits([99.5, 99.5]) == (90.0, 100.0) and y_limits([0.0]) == (0.0, 10.0)
+    low, high = y_limits([10.0, 90.0])
+    assert low < 10 and high > 90 and 0 <= low and high <= 100

@@ -178,3 +178,32 @@ def test_sigterm_during_the_final_evaluation_is_one_line_and_a_rerun_evaluates(t
     rerun = run_cli([*TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads((run_dir / "results.json").read_text())["eval"]["n"] == 128
+
+
+# --- Ctrl-C ---------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_ctrl_c_checkpoints_mid_epoch_exits_130_in_one_line_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*TINY, "trainer.epochs=3", "trainer.log_every_s=0", f"hydra.run.dir={run_dir}"]
+    proc = interrupt_after(args, tmp_path, "epoch 2/3 batch 3/", signum=signal.SIGINT)
+    assert proc.returncode == 130, proc.stderr
+    last = run_dir / "checkpoints" / "last.pt"
+    assert proc.stderr.strip().startswith(f"advtrain: stopped by SIGINT; checkpoint written to {last}")
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+    loop = load_checkpoint(last)["loop"]
+    assert (loop["epoch"], loop["finished"]) == (1, False) and loop["batch"] > 0  # mid-epoch, not lost
+
+    rerun = run_cli(args, cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    assert "resumed from" in rerun.stdout and (run_dir / "results.json").is_file()
+
+
+def test_a_second_ctrl_c_stops_at_once():
+    from advtrain.engine.signals import catch_signals
+
+    with catch_signals(signal.SIGINT) as flag:
+        os.kill(os.getpid(), signal.SIGINT)
+        assert flag.signum == signal.SIGINT  # the first: a flag for the loop, which checkpoints at its next step
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

@@ -42,7 +42,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     loop = LoopState(**state["loop"])
     record = OmegaConf.merge(saved, {"dataset": checked.dataset, "attack": checked.attack, "eval": checked.eval})
     results = build_results(record, loop, float(state["counter"]["total"]), data.train.n_examples, scores, rt,
-                            checkpoint=str(cfg.checkpoint), world_size=int(state.get("world_size", 1)))
+                            checkpoint=str(cfg.checkpoint), world_size=int(state.get("world_size", 1)), kind="eval")
     write_results(results, run_dir / "results.json")
     con.print_results(results)
     con.console.print(f"results: {run_dir / 'results.json'}")

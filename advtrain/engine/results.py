@@ -39,10 +39,14 @@ def device_name(device: torch.device) -> str:
 
 
 def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, checkpoint: str,
-                  world_size: int = 1) -> dict[str, Any]:
-    """`passes`: example-passes spent in training, summed over all ranks."""
+                  world_size: int = 1, kind: str = "train") -> dict[str, Any]:
+    """`passes`: example-passes spent in training, summed over all ranks. `kind`: "train" for a training run's own
+    record, "eval" for advtrain-eval's evaluation of a checkpoint (advtrain-report never counts one as a run)."""
+    from omegaconf import OmegaConf
+
     examples = n_train * max(state.epoch, 1)
     return {
+        "kind": kind,
         "method": cfg.method.name, "dataset": cfg.dataset.name, "arch": cfg.arch.name,
         "epochs": cfg.trainer.epochs, "epochs_run": state.epoch, "seed": cfg.seed,
         "train_time_s": state.train_time_s, "epoch_times_s": list(state.epoch_times_s),
@@ -54,6 +58,9 @@ def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, che
         # What the final evaluation ran: a rerun of a finished run with the same settings has nothing left to do.
         "eval_settings": eval_settings(cfg),
         "versions": versions(), "history": list(state.history),
+        # The whole resolved config: advtrain-report compares runs only where everything that defines the
+        # experiment agrees.
+        "config": OmegaConf.to_container(cfg, resolve=True),
     }
 
 

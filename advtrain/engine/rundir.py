@@ -97,3 +97,12 @@ def discard_if_fresh(run_dir: Path, hydra_files: set[str]) -> None:
     while parent != cwd and cwd in parent.parents and not any(parent.iterdir()):
         parent.rmdir()
         parent = parent.parent
+
+
+def discard_fresh_run_dir() -> None:
+    """Remove this Hydra job's run folder if only Hydra's own files are in it (a run that failed before writing
+    anything, or a torchrun/srun rank that adopted rank 0's folder)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    hydra_cfg = HydraConfig.get()
+    discard_if_fresh(Path(hydra_cfg.runtime.output_dir), {str(hydra_cfg.output_subdir), f"{hydra_cfg.job.name}.log"})

@@ -1,6 +1,6 @@
 """Stop signals (cluster preemption, `scancel`, time limits) become a flag the loop checks between steps.
 
-SIGTERM and SIGUSR1 stop the run after a checkpoint. SIGUSR2 is submitit's "time limit near / preempted" signal:
+SIGTERM, SIGUSR1 and SIGINT (Ctrl-C) stop the run after a checkpoint; a second Ctrl-C stops it at once. SIGUSR2 is submitit's "time limit near / preempted" signal:
 the loop writes its checkpoint first and then hands the signal to the handler that was installed before ours
 (submitit's, which requeues the job; the requeued job resumes from the checkpoint with resume=auto).
 
@@ -14,7 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class Interrupted(BaseException):
@@ -29,8 +29,10 @@ class Interrupted(BaseException):
         self.checkpoint = checkpoint
         if isinstance(previous_handler, StopAtOnce):  # the loop ran inside it: chain what was there before us
             previous_handler = previous_handler.previous.get(signum)
-        # What the process did with this signal before training caught it (submitit's requeue), if anything.
-        self.chain: Callable | None = previous_handler if callable(previous_handler) else None
+        # What the process did with this signal before training caught it (submitit's requeue), if anything; never
+        # Python's own Ctrl-C handler, whose KeyboardInterrupt would only repeat the stop as a traceback.
+        chainable = callable(previous_handler) and previous_handler is not signal.default_int_handler
+        self.chain: Callable | None = previous_handler if chainable else None
         name = signal.Signals(signum).name
         if checkpoint is not None:
             run_dir, saved = Path(checkpoint).parent.parent, f"checkpoint written to {checkpoint}"
@@ -75,6 +77,8 @@ class SignalFlag:
         return self.signum is not None
 
     def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT and self.signum is not None:
+            raise KeyboardInterrupt  # Ctrl-C again while the checkpoint is on its way: the user wants out now
         self.signum = signum
 
 

@@ -151,7 +151,13 @@ class WandbLogger:
         self._guarded("summary", lambda: self.run.summary.update(dict(values)))
 
     def finish(self, exit_code: int = 0) -> None:
+        if self.run is None:
+            return
+        offline = self.mode == "offline"
         self._guarded("finish", lambda: self.run.finish(exit_code=exit_code))
+        if offline and self.run is not None:  # W&B itself is silenced: say where the run is and how to upload it
+            print(f"W&B: offline run written under {self.wandb_dir}; upload it with: wandb sync "
+                  f"{self.wandb_dir}/offline-run-*", flush=True)
         self.run = None
 
 

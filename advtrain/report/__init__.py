@@ -5,9 +5,11 @@
     advtrain-report multirun/ --wandb-project advtrain --wandb-group sweep-1
 
 Reads every results.json below PATH and writes into --out (default PATH): report.csv (one column per mean and per
-std), report.md (the table as printed) and report.png (robust accuracy against training time, one marker per
-run). A row is one (method, dataset, arch): accuracy in % as mean ± std over its runs (seeds), mean training
-time, passes per example, and training time relative to PGD-AT (method "pgd") on the same dataset and arch.
+std), report.md (the tables as printed) and report.png (robust accuracy against training time, one marker per
+run). A row is one experiment (method, dataset, arch and every setting but the seed; see report/table.py):
+accuracy in % as mean ± std over its runs (seeds), mean training time, passes per example, and training time
+relative to the PGD-AT run (method "pgd") of the same setting. Rows of one method that differ in a setting name
+it in the "setting" column. advtrain-eval's evaluations of checkpoints are listed in a table of their own.
 """
 from __future__ import annotations
 
@@ -20,7 +22,8 @@ from rich.console import Console
 from rich.table import Table
 
 from advtrain.report.table import (aggregate, collect, csv_columns, csv_values, default_metric, display_cells,
-                                   display_columns, metric_names, write_csv, write_markdown)
+                                   display_columns, evaluation_cells, evaluation_columns, is_evaluation,
+                                   metric_names, write_csv, write_markdown)
 
 PROG = "advtrain-report"
 
@@ -35,13 +38,13 @@ def fail(message: str):
     sys.exit(2)
 
 
-def print_table(rows, metrics, title: str) -> None:
+def print_table(columns: list[str], cells: list[list[str]], title: str, left: int) -> None:
     console = Console(highlight=False)
     table = Table(title=title)
-    for i, name in enumerate(display_columns(metrics)):
-        table.add_column(name, justify="left" if i < 3 else "right")
-    for row in rows:
-        table.add_row(*display_cells(row, metrics))
+    for i, name in enumerate(columns):
+        table.add_column(name, justify="left" if i < left else "right")
+    for row in cells:
+        table.add_row(*row)
     if not console.is_terminal:  # logs and pipes: never wrap or squeeze cells, whatever the table's width
         unwrapped = console.measure(table, options=console.options.update_width(10**4)).maximum
         console.width = max(console.width, unwrapped)
@@ -96,15 +99,26 @@ def main(argv: list[str]) -> None:
 
     from advtrain.report.plot import write_png  # matplotlib only when there is something to plot
 
+    evaluations = [run for run in runs if is_evaluation(run)]
+    runs = [run for run in runs if not is_evaluation(run)]
     rows = aggregate(runs, metrics)
-    print_table(rows, metrics, title=f"{len(runs)} run{'s' * (len(runs) != 1)} under {args.path}")
+    if runs:
+        columns = display_columns(metrics, rows)
+        print_table(columns, [display_cells(row, metrics, rows) for row in rows],
+                    f"{len(runs)} run{'s' * (len(runs) != 1)} under {args.path}", left=columns.index("runs"))
+    if evaluations:
+        print_table(evaluation_columns(metrics), [evaluation_cells(run, metrics) for run in evaluations],
+                    f"{len(evaluations)} evaluation{'s' * (len(evaluations) != 1)} of checkpoints (advtrain-eval)",
+                    left=5)
+    written = ["report.csv", "report.md"] + (["report.png"] if runs else [])
     try:
         args.out.mkdir(parents=True, exist_ok=True)
         write_csv(rows, metrics, args.out / "report.csv")
-        write_markdown(rows, metrics, args.out / "report.md")
-        write_png(runs, metric, args.out / "report.png")
+        write_markdown(rows, metrics, args.out / "report.md", evaluations)
+        if runs:
+            write_png(runs, metric, args.out / "report.png")
     except OSError as e:
         fail(f"cannot write the report into {args.out}: {e}")
-    print(f"wrote report.csv, report.md, report.png ({metric} vs training time) to {args.out}")
+    print(f"wrote {', '.join(written)}{f' ({metric} vs training time)' if runs else ''} to {args.out}")
     if args.wandb_project:
         log_to_wandb(args, rows, metrics, metric, args.out / "report.png")

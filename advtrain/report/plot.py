@@ -1,6 +1,11 @@
-"""report.png: robust accuracy against training wall-clock, one marker per run, one colour per method."""
+"""report.png: robust accuracy against training wall-clock, one marker per run, one colour per method.
+
+Runs that land on the same point (the same method and setting, seeds that agree) are one marker labelled with
+their count, never hidden behind each other; the accuracy axis stays in [0, 100] with at least 10 points shown, so
+equal runs do not zoom it onto a sliver."""
 from __future__ import annotations
 
+from collections import Counter
 from pathlib import Path
 
 import matplotlib
@@ -20,9 +25,13 @@ def write_png(runs: list[dict], metric: str, path: Path) -> None:
     marker = {s: MARKERS[i % len(MARKERS)] for i, s in enumerate(settings)}
 
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=150)
-    for r in runs:
-        ax.scatter(r["train_time_s"], 100 * r["eval"][metric], color=colour[r["method"]],
-                   marker=marker[(r["dataset"], r["arch"])], s=40, alpha=0.85, edgecolors="none")
+    points = Counter((r["train_time_s"], 100 * r["eval"][metric], r["method"], (r["dataset"], r["arch"]))
+                     for r in runs)
+    for (x, y, method, setting), count in points.items():
+        ax.scatter(x, y, color=colour[method], marker=marker[setting], s=40, alpha=0.85, edgecolors="none")
+        if count > 1:
+            ax.annotate(f"×{count}", (x, y), xytext=(5, 3), textcoords="offset points", fontsize="x-small")
+    ax.set_ylim(*y_limits([y for _, y, _, _ in points]))
     ax.set_xlabel("training time (s)")
     ax.set_ylabel(f"{metric} accuracy (%)")
     shown = f"{len(runs)} runs" if len(runs) == n_runs else f"the {len(runs)} of {n_runs} runs that have it"
@@ -37,3 +46,15 @@ def write_png(runs: list[dict], metric: str, path: Path) -> None:
                   fontsize="small")
     fig.savefig(path, bbox_inches="tight")  # "tight" keeps the legends beside the axes in the image
     plt.close(fig)
+
+
+def y_limits(values_pct: list[float], min_span: float = 10.0) -> tuple[float, float]:
+    """An accuracy axis inside [0, 100] that shows at least `min_span` points around the data, with a margin."""
+    lo, hi = min(values_pct, default=0.0), max(values_pct, default=100.0)
+    pad = max((min_span - (hi - lo)) / 2, 0.05 * (hi - lo), 1.0)
+    lo, hi = lo - pad, hi + pad
+    if lo < 0:
+        lo, hi = 0.0, min(100.0, hi - lo)
+    if hi > 100:
+        lo, hi = max(0.0, lo - (hi - 100)), 100.0
+    return lo, hi

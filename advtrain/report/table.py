@@ -1,4 +1,11 @@
-"""Runs -> one row per (method, dataset, arch): accuracy mean ± std over seeds, training cost, cost vs PGD-AT."""
+"""Runs -> one row per experiment: accuracy mean ± std over seeds, training cost, cost vs PGD-AT.
+
+An experiment is everything that defines a run except its seed: dataset, architecture, method and its settings,
+threat model, attacks and evaluation size, epochs, schedule, optimizer, batch size, precision and devices (from the
+resolved config each results.json carries). Runs that differ in any of these are never averaged together: they make
+separate rows, and the rows of one method name what differs between them. advtrain-eval's evaluations of
+checkpoints are listed apart, as evaluations of the run that trained the checkpoint, never as runs.
+"""
 from __future__ import annotations
 
 import csv
@@ -10,6 +17,43 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 REQUIRED = ("method", "dataset", "arch", "seed", "train_time_s", "passes_per_example", "eval")
+
+# Config keys that do not change what a run measures (where it ran from, how it logged, how often it checkpointed).
+NOT_THE_EXPERIMENT = ("seed", "resume", "checkpoint", "experiment", "logger", "dataset.root", "dataset.download",
+                      "dataset.check_md5", "trainer.progress", "trainer.log_every_s", "trainer.checkpoint_every",
+                      "trainer.nan_check_every", "eval.batch_size", "eval.every", "eval.every_n")
+
+
+def _flat(node, prefix: str = "") -> dict[str, str]:
+    if isinstance(node, dict):
+        out = {}
+        for key, value in node.items():
+            out.update(_flat(value, f"{prefix}{key}."))
+        return out
+    return {prefix[:-1]: json.dumps(node)}
+
+
+def experiment(run: dict) -> tuple[dict[str, str], dict[str, str]]:
+    """(the setting, the method's settings) as flat key -> JSON value. Records written before results.json carried
+    the config give what their top-level fields hold."""
+    config = run.get("config")
+    if not isinstance(config, dict):
+        settings = run.get("eval_settings") or {}
+        config = {"trainer": {"epochs": run.get("epochs"), "batch_size": run.get("batch_size")},
+                  "dataset": {"eps": run.get("eps")},
+                  "eval": {"n": settings.get("n", (run["eval"] or {}).get("n"))}, "attack": settings.get("attacks")}
+    flat = {k: v for k, v in _flat(config).items()
+            if not any(k == x or k.startswith(x + ".") for x in NOT_THE_EXPERIMENT)}
+    method = {k: v for k, v in flat.items() if k.startswith("method.")}
+    return {k: v for k, v in flat.items() if k not in method}, method
+
+
+def is_evaluation(run: dict) -> bool:
+    """advtrain-eval's record of a checkpoint it evaluated (older records: a checkpoint outside the run's folder)."""
+    if "kind" in run:
+        return run["kind"] == "eval"
+    checkpoint = run.get("checkpoint")
+    return bool(checkpoint) and Path(checkpoint).parent.parent.resolve() != Path(run["path"]).resolve()
 
 
 def collect(root: Path) -> list[dict]:
@@ -54,7 +98,10 @@ class Row:
     acc_pct: dict[str, tuple[float | None, float | None]]  # metric -> (mean, std over seeds; None with one seed)
     train_time_s: float  # mean over seeds
     passes_per_example: float  # forward+backward passes per training example, mean over seeds
-    time_vs_pgd: float | None = field(default=None)  # train_time_s / that of method "pgd" on the same dataset+arch
+    time_vs_pgd: float | None = field(default=None)  # train_time_s / that of the one PGD-AT row of the same setting
+    differs: str = ""  # what sets this row apart from the other rows of its method, e.g. "dataset.eps=0.1"
+    setting: tuple = field(default=(), repr=False)
+    method_settings: tuple = field(default=(), repr=False)
 
 
 def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
@@ -66,30 +113,61 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
 def aggregate(runs: list[dict], metrics: list[str]) -> list[Row]:
     groups = defaultdict(list)
     for run in runs:
-        groups[(str(run["dataset"]), str(run["arch"]), str(run["method"]))].append(run)
+        setting, method_settings = experiment(run)
+        key = (str(run["dataset"]), str(run["arch"]), str(run["method"]), tuple(sorted(setting.items())),
+               tuple(sorted(method_settings.items())))
+        groups[key].append(run)
     rows = []
-    for (dataset, arch, method), group in sorted(groups.items()):
+    for (dataset, arch, method, setting, method_settings), group in sorted(groups.items()):
         acc = {m: _mean_std([100 * r["eval"][m] for r in group if r["eval"].get(m) is not None]) for m in metrics}
         rows.append(Row(method, dataset, arch, len(group), acc,
                         statistics.mean(r["train_time_s"] for r in group),
-                        statistics.mean(r["passes_per_example"] for r in group)))
-    pgd_time_s = {(r.dataset, r.arch): r.train_time_s for r in rows if r.method == "pgd"}
+                        statistics.mean(r["passes_per_example"] for r in group),
+                        setting=setting, method_settings=method_settings))
+    _name_differences(rows)
+    pgd = defaultdict(list)
     for row in rows:
-        if pgd_time_s.get((row.dataset, row.arch)):
-            row.time_vs_pgd = row.train_time_s / pgd_time_s[(row.dataset, row.arch)]
+        if row.method == "pgd":
+            pgd[(row.dataset, row.arch, row.setting)].append(row)
+    for row in rows:
+        same = pgd.get((row.dataset, row.arch, row.setting), [])
+        if len(same) == 1 and same[0].train_time_s:  # several PGD-AT variants (steps) of one setting: no yardstick
+            row.time_vs_pgd = row.train_time_s / same[0].train_time_s
     return rows
+
+
+def _name_differences(rows: list[Row]) -> None:
+    families = defaultdict(list)
+    for row in rows:
+        families[(row.dataset, row.arch, row.method)].append(row)
+    for family in families.values():
+        if len(family) < 2:
+            continue
+        items = [dict(row.setting) | dict(row.method_settings) for row in family]
+        keys = sorted({k for item in items for k in item if len({item.get(k) for item in items}) > 1})
+        for row, item in zip(family, items):
+            row.differs = ", ".join(f"{k}={_short(item.get(k))}" for k in keys)
+
+
+def _short(value: str | None) -> str:
+    if value is None:
+        return "–"
+    plain = json.loads(value)
+    text = value if isinstance(plain, (dict, list)) else str(plain)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 # Machine-readable: one column per mean and per std, accuracies in %, empty where undefined.
 def csv_columns(metrics: list[str]) -> list[str]:
     acc = [f"{m}_{stat}_pct" for m in metrics for stat in ("mean", "std")]
-    return ["method", "dataset", "arch", "runs", *acc, "train_time_s", "passes_per_example", "time_vs_pgd"]
+    return ["method", "dataset", "arch", "setting", "runs", *acc, "train_time_s", "passes_per_example",
+            "time_vs_pgd"]
 
 
 def csv_values(row: Row, metrics: list[str]) -> list:
     acc = [value for m in metrics for value in row.acc_pct[m]]
-    return [row.method, row.dataset, row.arch, row.runs, *acc, row.train_time_s, row.passes_per_example,
-            row.time_vs_pgd]
+    return [row.method, row.dataset, row.arch, row.differs, row.runs, *acc, row.train_time_s,
+            row.passes_per_example, row.time_vs_pgd]
 
 
 def write_csv(rows: list[Row], metrics: list[str], path: Path) -> None:
@@ -99,24 +177,45 @@ def write_csv(rows: list[Row], metrics: list[str], path: Path) -> None:
         writer.writerows([["" if v is None else v for v in csv_values(row, metrics)] for row in rows])
 
 
-# For people: the console table and report.md show the same cells.
-def display_columns(metrics: list[str]) -> list[str]:
-    return ["method", "dataset", "arch", "runs", *[f"{m} (%)" for m in metrics], "train time (s)",
+# For people: the console table and report.md show the same cells; the setting column only where rows differ.
+def display_columns(metrics: list[str], rows: list[Row]) -> list[str]:
+    setting = ["setting"] if any(row.differs for row in rows) else []
+    return ["method", "dataset", "arch", *setting, "runs", *[f"{m} (%)" for m in metrics], "train time (s)",
             "passes/example", "time / PGD-AT"]
 
 
-def display_cells(row: Row, metrics: list[str]) -> list[str]:
+def display_cells(row: Row, metrics: list[str], rows: list[Row]) -> list[str]:
     def pm(mean, std):
         return "" if mean is None else f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
-    return [row.method, row.dataset, row.arch, str(row.runs), *[pm(*row.acc_pct[m]) for m in metrics],
+    setting = [row.differs] if any(r.differs for r in rows) else []
+    return [row.method, row.dataset, row.arch, *setting, str(row.runs), *[pm(*row.acc_pct[m]) for m in metrics],
             f"{row.train_time_s:.1f}", f"{row.passes_per_example:.2f}",
             "" if row.time_vs_pgd is None else f"{row.time_vs_pgd:.2f}"]
 
 
-def write_markdown(rows: list[Row], metrics: list[str], path: Path) -> None:
-    columns = display_columns(metrics)
-    lines = ["| " + " | ".join(columns) + " |",
-             "|" + "|".join("---" if i < 3 else "---:" for i in range(len(columns))) + "|"]
-    lines += ["| " + " | ".join(display_cells(row, metrics)) + " |" for row in rows]
+def evaluation_columns(metrics: list[str]) -> list[str]:
+    return ["method", "dataset", "arch", "seed", "trained in", "n", *[f"{m} (%)" for m in metrics]]
+
+
+def evaluation_cells(run: dict, metrics: list[str]) -> list[str]:
+    trained_in = str(Path(run["checkpoint"]).parent.parent) if run.get("checkpoint") else ""
+    return [str(run["method"]), str(run["dataset"]), str(run["arch"]), str(run["seed"]), trained_in,
+            str(run["eval"].get("n", "")),
+            *["" if run["eval"].get(m) is None else f"{100 * run['eval'][m]:.2f}" for m in metrics]]
+
+
+def _markdown(columns: list[str], cells: list[list[str]], left: int) -> list[str]:
+    return ["| " + " | ".join(columns) + " |",
+            "|" + "|".join("---" if i < left else "---:" for i in range(len(columns))) + "|",
+            *["| " + " | ".join(c) + " |" for c in cells]]
+
+
+def write_markdown(rows: list[Row], metrics: list[str], path: Path, evaluations: list[dict] = ()) -> None:
+    columns = display_columns(metrics, rows)
+    lines = _markdown(columns, [display_cells(row, metrics, rows) for row in rows],
+                      left=columns.index("runs"))
+    if evaluations:
+        lines += ["", f"Evaluations of checkpoints (advtrain-eval; not counted as runs above):", "",
+                  *_markdown(evaluation_columns(metrics), [evaluation_cells(r, metrics) for r in evaluations], 5)]
     path.write_text("\n".join(lines) + "\n")
