@@ -1,17 +1,31 @@
-"""The errors a user can cause, and one-line descriptions of Hydra's composition errors."""
+"""The errors a user can cause, and one-line descriptions of Hydra's composition errors.
+
+Importing this module imports no torch (the CLI imports it before anything else, and `advtrain --help` or a config
+error must answer at once); the error classes that live beside torch code are imported when USER_ERRORS is first
+read, which is when a run has started or an error is being matched.
+"""
 from __future__ import annotations
 
 from dataclasses import fields
 from pathlib import Path
 
-from advtrain.config import ConfigError, _unknown_key
+from advtrain.config import TOP_LEVEL, ConfigError, _unknown_key
 from advtrain.schema import TRAIN_SECTIONS
-from advtrain.data import DataError
-from advtrain.engine.checkpoint import CheckpointError
-from advtrain.engine.launch import RankError
-from advtrain.engine.loop import TrainingError
 
-USER_ERRORS = (ConfigError, DataError, CheckpointError, TrainingError, RankError)
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    from advtrain.data import DataError
+    from advtrain.engine.checkpoint import CheckpointError
+    from advtrain.engine.launch import RankDied, RankError
+    from advtrain.engine.loop import TrainingError
+
+    return ConfigError, DataError, CheckpointError, TrainingError, RankError, RankDied
+
+
+def __getattr__(name: str):
+    if name == "USER_ERRORS":  # `from advtrain.errors import USER_ERRORS` and `except USER_ERRORS` keep working
+        return user_errors()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def describe_hydra_error(e: BaseException) -> str | None:
@@ -25,6 +39,12 @@ def describe_hydra_error(e: BaseException) -> str | None:
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
         full_key = str(cause.full_key)
         section, _, key = full_key.rpartition(".")
+        if not section:  # the top level takes no new keys: check_config would refuse a +key as well
+            return _unknown_key(full_key, key, sorted(TOP_LEVEL))
+        chosen = _chosen_keys(section, cause.parent_node)
+        if chosen is not None and key in _valid_keys(section):
+            return (f"'{full_key}' is not a setting of the chosen {section} option; it takes: "
+                    f"{', '.join(chosen)}")
         if key in _valid_keys(section):
             return f"'{full_key}' is not a setting of the chosen {section} option (other {section} options take it)"
         return _unknown_key(full_key, key, _valid_keys(section)) + f" (to add a new key on purpose: +{full_key}=...)"
@@ -36,12 +56,27 @@ def describe_hydra_error(e: BaseException) -> str | None:
     return _first_line(e)
 
 
-def _valid_keys(section: str) -> list[str]:
+def _chosen_keys(section: str, node) -> list[str] | None:
+    """The keys the chosen option of `section` takes (a method's own schema), where the failing node names it."""
+    if section != "method":
+        return None
     from advtrain.methods import METHODS
 
+    try:
+        name = node.get("name") if node is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable node: fall back to the general message
+        return None
+    if name in METHODS:
+        return [f.name for f in fields(METHODS[name].Config)]
+    return None
+
+
+def _valid_keys(section: str) -> list[str]:
     if section in TRAIN_SECTIONS:
         return [f.name for f in fields(TRAIN_SECTIONS[section])]
     if section == "method":
+        from advtrain.methods import METHODS  # the plug-ins' own schemas live beside their torch code
+
         return sorted({f.name for m in METHODS.values() for f in fields(m.Config)})
     return []
 

@@ -101,3 +101,12 @@ def test_warmup_ramps_from_zero():
     cfg = OmegaConf.create({"name": "cosine", "warmup": 0.1, "final_factor": 0.0})
     assert lr_factor(cfg, 0.05) == pytest.approx(0.5)
     assert lr_factor(cfg, 0.1) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("preset, peak", [("cifar10_fgsm_rs_wong2020", 0.5), ("mnist_fgsm_rs_wong2020", 0.4)])
+def test_wong2020_presets_peak_the_lr_where_the_papers_code_does(preset, peak):
+    """CIFAR10/train_fgsm.py: CyclicLR with step_size_up = lr_steps / 2; MNIST/train_mnist.py: np.interp over
+    [0, epochs * 2 // 5, epochs]."""
+    cfg = check_config(compose_train([f"experiment={preset}"]), TRAIN_SECTIONS)
+    assert cfg.schedule.name == "cyclic" and cfg.schedule.peak_at == peak
+    assert lr_factor(cfg.schedule, peak) == 1.0 and lr_factor(cfg.schedule, peak - 0.1) < 1.0

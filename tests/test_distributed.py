@@ -6,6 +6,7 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -183,20 +184,173 @@ def test_sigterm_checkpoints_every_rank_and_resume_equals_the_uninterrupted_run(
 
 
 @pytest.mark.slow
-def test_a_rank_killed_mid_run_ends_the_job_with_its_error_not_a_hang(tmp_path):
+def test_ctrl_c_at_the_terminal_checkpoints_every_rank_and_exits_130(tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline"}
+    # A session of its own: killpg below is what a terminal's Ctrl-C does to its foreground process group.
+    proc = subprocess.Popen(["advtrain", *DDP_ARGS, "trainer.devices=2", f"hydra.run.dir={run}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                            stdin=subprocess.DEVNULL, start_new_session=True)
+    _wait_for(proc, "epoch 2/3 batch 3/")
+    os.killpg(proc.pid, signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert err.strip().startswith("advtrain: stopped by SIGINT; checkpoint written to") and err.count("\n") == 1
+    ckpt = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["world_size"] == 2 and not ckpt["loop"]["finished"]
+
+
+def _rank_pids(parent: int) -> list[int]:
+    """The ranks a `trainer.devices=N` command started, in rank order (they start one after the other)."""
+    children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+    ranks = [int(pid) for pid in children
+             if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
+    return sorted(ranks, key=lambda pid: (int(_stat(pid)[19]), pid))  # start time, then pid
+
+
+def _stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat from the state on (the command name may hold spaces)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return _stat(pid)[0] not in ("Z", "X")  # a zombie has ended; only its exit status is left to collect
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+
+
+def _gone_within(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while any(_alive(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            return False
+    return True
+
+
+@pytest.mark.slow
+def test_a_rank_killed_mid_run_ends_the_job_with_one_line_naming_it(tmp_path):
     proc = _start([*DDP_ARGS, "trainer.devices=2", "trainer.epochs=50", f"hydra.run.dir={tmp_path / 'r'}"],
                   tmp_path)
     _wait_for(proc, "epoch 1/50 batch")
-    children = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
-    ranks = [pid for pid in children
-             if "spawn_main" in Path(f"/proc/{pid}/cmdline").read_text(errors="replace")]
-    assert len(ranks) == 2, children
+    ranks = _rank_pids(proc.pid)
+    assert len(ranks) == 2, ranks
     killed_at = time.time()
-    os.kill(int(ranks[-1]), signal.SIGKILL)  # what the kernel's OOM killer does
+    os.kill(ranks[1], signal.SIGKILL)  # what the kernel's OOM killer does
     _, err = proc.communicate(timeout=90)
     assert time.time() - killed_at < 60
-    assert proc.returncode not in (0, None)
-    assert "was killed by SIGKILL" in err
+    assert proc.returncode == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "error: rank 1 of 2 was killed by SIGKILL" in lines[0], err
+
+
+@pytest.mark.slow
+def test_killing_the_command_kills_its_ranks(tmp_path):
+    proc = _start([*DDP_ARGS, "trainer.devices=2", "trainer.epochs=50", f"hydra.run.dir={tmp_path / 'r'}"],
+                  tmp_path)
+    try:
+        _wait_for(proc, "epoch 1/50 batch")
+        ranks = _rank_pids(proc.pid)
+        assert len(ranks) == 2, ranks
+        proc.kill()  # kill -9: no handler runs, nobody is left to stop the ranks but the kernel or themselves
+        proc.wait(timeout=30)
+        assert _gone_within(ranks, 5), [pid for pid in ranks if _alive(pid)]
+    finally:
+        for pid in ranks if "ranks" in locals() else []:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+WATCHED_CHILD = """
+import sys, threading
+import multiprocessing as mp
+from advtrain.engine import launch
+
+def child(pdeathsig):
+    launch._die_with_parent(pdeathsig)
+    print("child", mp.current_process().pid, flush=True)
+    threading.Event().wait()
+
+if __name__ == "__main__":
+    mp.get_context("spawn").Process(target=child, args=(sys.argv[1] == "prctl",)).start()
+    threading.Event().wait()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("how", ["prctl", "watcher"])
+def test_a_rank_dies_with_its_parent_by_either_mechanism(tmp_path, how):
+    # "watcher": what a rank does where prctl is missing or the ranks were started from a thread other than main.
+    script = tmp_path / "parent.py"
+    script.write_text(WATCHED_CHILD)
+    parent = subprocess.Popen([sys.executable, str(script), how], cwd=tmp_path, stdout=subprocess.PIPE, text=True,
+                              stdin=subprocess.DEVNULL)
+    child = None
+    try:
+        child = int(parent.stdout.readline().split()[1])
+        parent.kill()
+        parent.wait(timeout=30)
+        assert _gone_within([child], 5)
+    finally:
+        if child is not None and _alive(child):
+            os.kill(child, signal.SIGKILL)
+        parent.kill()
+
+
+def test_a_rank_killed_by_a_signal_is_reported_over_the_peers_that_lost_it():
+    from advtrain.engine.launch import RankDied, _outcome
+
+    gloo = "RuntimeError: [gloo/transport/tcp/pair.cc:545] Read error: Connection reset by peer"
+    with pytest.raises(RankDied, match=r"^rank 1 of 3 was killed by SIGKILL"):
+        _outcome({0: ("lost-peer", gloo), 2: ("lost-peer", gloo)}, {0: 1, 1: -signal.SIGKILL, 2: 1}, 3, {})
+    with pytest.raises(RuntimeError, match="rank 2 of 3 failed:\nZeroDivisionError"):  # the bug, not its echo
+        _outcome({0: ("lost-peer", gloo), 2: ("crash", "ZeroDivisionError")}, {0: 1, 2: 1}, 3, {})
+
+
+def test_collective_errors_from_a_vanished_peer_are_recognised():
+    from advtrain.engine.distributed import lost_peer
+
+    gloo = RuntimeError("[/x/third_party/gloo/gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:55427: "
+                        "Connection reset by peer. This is typically caused by a remote worker hanging")
+    assert lost_peer(gloo)
+    try:
+        try:
+            raise gloo
+        except RuntimeError as e:
+            raise ValueError("while reducing the epoch's metrics") from e
+    except ValueError as wrapped:
+        assert lost_peer(wrapped)
+    assert not lost_peer(ZeroDivisionError("division by zero"))
+
+
+def _peer_lost_then_exit(report, held) -> None:
+    report.send(("lost-peer", "RuntimeError: Connection reset by peer"))
+    os._exit(1)  # closes `held`: the other rank only dies after this one has
+
+
+def _killed_after_the_peer(report, held) -> None:
+    held.poll(None)  # EOF once the first rank has exited
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.mark.slow
+def test_the_killed_rank_is_reported_even_when_its_peer_exits_first():
+    # The order a loaded machine can produce: the survivor's collective error reaches the parent first.
+    from advtrain.engine.launch import RankDied, _outcome, _wait
+
+    mp = torch.multiprocessing.get_context("spawn")
+    held_r, held_w = mp.Pipe(duplex=False)
+    pipes = [mp.Pipe(duplex=False) for _ in range(2)]
+    procs = [mp.Process(target=_peer_lost_then_exit, args=(pipes[0][1], held_w)),
+             mp.Process(target=_killed_after_the_peer, args=(pipes[1][1], held_r))]
+    for p in procs:
+        p.start()
+    for conn in (held_r, held_w, pipes[0][1], pipes[1][1]):
+        conn.close()
+    reports, ended = _wait(procs, [pipes[0][0], pipes[1][0]])
+    assert ended == {0: 1, 1: -signal.SIGKILL}
+    with pytest.raises(RankDied, match="rank 1 of 2 was killed by SIGKILL"):
+        _outcome(reports, ended, 2, {})
 
 
 @pytest.mark.slow
@@ -211,9 +365,20 @@ def test_a_user_error_on_the_ranks_is_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_more_devices_than_examples_per_batch_is_refused(tmp_path):
-    proc = run_cli([*TINY, "trainer.devices=4", "trainer.batch_size=2", f"hydra.run.dir={tmp_path / 'r'}"],
+    proc = run_cli([*TINY, "trainer.devices=2", "trainer.batch_size=1", f"hydra.run.dir={tmp_path / 'r'}"],
                    cwd=tmp_path)
-    assert proc.returncode == 2 and "trainer.batch_size=2" in proc.stderr
+    assert proc.returncode == 2 and "trainer.batch_size=1" in proc.stderr
+
+
+@pytest.mark.slow
+def test_more_cpu_devices_than_cores_is_refused_before_the_run_starts(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    proc = run_cli([*TINY, f"trainer.devices={cores + 1}", "trainer.accelerator=cpu",
+                    f"hydra.run.dir={tmp_path / 'r'}"], cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and f"trainer.devices={cores + 1}" in lines[0] and f"1 to {cores}" in lines[0], proc.stderr
+    assert not (tmp_path / "r").exists()
 
 
 def test_trades_joint_forward_equals_two_forwards_without_bn(tmp_path):

@@ -65,3 +65,21 @@ def test_attacks_during_warmup_use_the_ramped_eps(tmp_path, monkeypatch):
 def test_warmup_outside_0_1_is_a_one_line_error():
     with pytest.raises(ConfigError, match=r"trainer.eps_warmup=1.5 is a fraction of training"):
         checked(["trainer.eps_warmup=1.5"])
+
+
+def test_fgsm_rs_guard_attacks_at_the_full_eps_during_the_warmup(tmp_path, monkeypatch):
+    """The overfitting guard compares epochs at one threat model: the full eps, whatever the warm-up's scale."""
+    import advtrain.methods.fgsm_rs as fgsm_rs
+
+    guard_eps = []
+    plain = fgsm_rs.pgd
+
+    def recording(model, x, y, **kw):
+        if kw.get("steps", 1) > 1:  # the guard's PGD (the training attack is one FGSM step)
+            guard_eps.append(kw["eps"])
+        return plain(model, x, y, **kw)
+
+    monkeypatch.setattr(fgsm_rs, "pgd", recording)
+    torch.set_num_threads(1)
+    train(checked(["method=fgsm_rs", "trainer.epochs=3", "trainer.eps_warmup=0.9"]), tmp_path)
+    assert guard_eps == [0.1, 0.1, 0.1]  # synthetic data's eps; the warm-up was at 0.4 and 0.7 of it

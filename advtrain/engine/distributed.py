@@ -139,6 +139,20 @@ def init_process_group(world: World, backend: str) -> Dist:
     return Dist(world, host_group)
 
 
+# What gloo and NCCL say when the process at the other end of a collective is gone. gloo raises a plain RuntimeError,
+# so its text is all there is to go by.
+_LOST_PEER_TEXT = ("Connection reset by peer", "Connection closed by peer", "gloo/transport", "NCCL")
+
+
+def lost_peer(e: BaseException) -> bool:
+    """Did a collective fail because another rank vanished? Then that rank's end is the error to report, not this."""
+    while e is not None:
+        if isinstance(e, getattr(dist, "DistError", ())) or any(t in str(e) for t in _LOST_PEER_TEXT):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
 def destroy() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()

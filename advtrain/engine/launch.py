@@ -4,18 +4,23 @@
 the spawn method and hands each the resolved config, the run directory and Hydra's runtime config, so no rank
 composes anything again (no extra output folders, no `${now:}` drift). It then waits: the first rank to fail ends the
 others at once (they cannot finish without it) and the job fails with that rank's error. Stop signals sent to this
-process are passed on to the ranks, which agree on a step, write one checkpoint and exit.
+process are passed on to the ranks, which agree on a step, write one checkpoint and exit. The ranks die with this
+process: killed (kill -9), it cannot supervise them any more.
 
 torchrun / srun: every process ran Hydra itself. They join the process group the launcher describes and adopt rank
 0's run directory; the others remove the folder Hydra made for them if it differs and holds only Hydra's files.
 """
 from __future__ import annotations
 
+import ctypes
+import multiprocessing
 import multiprocessing.connection
 import os
-import shutil
 import signal
 import socket
+import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -24,13 +29,25 @@ import torch
 from omegaconf import OmegaConf
 
 from advtrain.config import ConfigError
-from advtrain.engine.distributed import World, destroy, external_world, init_process_group
+from advtrain.engine.distributed import World, destroy, external_world, init_process_group, lost_peer
 from advtrain.engine.precision import resolve_accelerator
+from advtrain.engine.rundir import discard_fresh_run_dir
 from advtrain.engine.signals import STOP_SIGNALS, Interrupted
 
 
 class RankError(Exception):
     """A user error (bad data, NaN loss, ...) raised on one rank of a multi-process run, reported as one line."""
+
+
+class RankDied(Exception):
+    """A rank ended without a word, mostly killed from outside (the kernel's OOM killer, kill -9). One line: there is
+    no traceback of the rank to show, and the parent's would show only this module. Exit status 2, as every one-line
+    error (the CLI has no other status for them)."""
+
+
+# When the first ranks to fail only lost a peer under a collective, wait this long for the peer's own end to show,
+# so the job reports the cause (a killed rank), not its echo, however a loaded node schedules the exits.
+ROOT_CAUSE_WAIT_S = 5.0
 
 
 def run_training(cfg, run_dir: Path, hydra_cfg=None, device_index: int | None = None) -> dict[str, Any]:
@@ -66,23 +83,9 @@ def _join(cfg, run_dir: Path, world: World) -> dict[str, Any]:
         destroy()
 
 
-def discard_fresh_run_dir() -> None:
-    """Remove this Hydra job's run folder if only Hydra's own files are in it (a run that failed before writing
-    anything, or a rank that adopted rank 0's folder)."""
-    from hydra.core.hydra_config import HydraConfig
-
-    hydra_cfg = HydraConfig.get()
-    run_dir = Path(hydra_cfg.runtime.output_dir)
-    hydra_files = {str(hydra_cfg.output_subdir), f"{hydra_cfg.job.name}.log"}
-    if run_dir.is_dir() and {p.name for p in run_dir.iterdir()} <= hydra_files:
-        shutil.rmtree(run_dir)
-
-
 def spawn(cfg, run_dir: Path, n: int, hydra_cfg=None) -> dict[str, Any]:
     """Run N ranks on this node and return rank 0's results."""
-    if resolve_accelerator(cfg.trainer) == "cuda" and torch.cuda.device_count() < n:
-        raise ConfigError(f"trainer.devices={n} but {torch.cuda.device_count()} CUDA device(s) are visible; use "
-                          f"trainer.devices={torch.cuda.device_count()} or fewer")
+    _check_devices(cfg, n)
     if cfg.trainer.batch_size < n:
         raise ConfigError(f"trainer.batch_size={cfg.trainer.batch_size} is the global batch and must give each of "
                           f"the {n} devices at least one example")
@@ -91,21 +94,47 @@ def spawn(cfg, run_dir: Path, n: int, hydra_cfg=None) -> dict[str, Any]:
     payload = (OmegaConf.to_yaml(cfg), hydra_plain, str(run_dir))
     world = World(rank=0, local_rank=0, world_size=n, master_port=_free_port())
     pipes = [mp.Pipe(duplex=False) for _ in range(n)]  # (parent's end, rank's end): one report per rank
-    procs = [mp.Process(target=_rank_main, args=(rank, world, payload, pipes[rank][1]), name=f"advtrain-rank{rank}")
-             for rank in range(n)]
+    # Linux's parent-death signal follows the thread that forks, not the process: only safe from the main thread.
+    pdeathsig = threading.current_thread() is threading.main_thread()
+    procs = [mp.Process(target=_rank_main, args=(rank, world, payload, pipes[rank][1], pdeathsig),
+                        name=f"advtrain-rank{rank}") for rank in range(n)]
     with _forward_signals(procs) as previous:
         for p in procs:
             p.start()
         for _, rank_end in pipes:
             rank_end.close()
-        reports, failed = _wait(procs, [parent_end for parent_end, _ in pipes])
-    return _outcome(reports, procs, failed, previous)
+        reports, ended = _wait(procs, [parent_end for parent_end, _ in pipes])
+    return _outcome(reports, ended, n, previous)
 
 
-def _rank_main(rank: int, world: World, payload, report) -> None:
+def _check_devices(cfg, n: int) -> None:
+    if resolve_accelerator(cfg.trainer) == "cuda":
+        if torch.cuda.device_count() < n:
+            raise ConfigError(f"trainer.devices={n} but {torch.cuda.device_count()} CUDA device(s) are visible; use "
+                              f"trainer.devices={torch.cuda.device_count()} or fewer")
+        return
+    cores = _cpu_cores()
+    if n > cores:  # more ranks than cores only time-share them, slower than fewer ranks
+        raise ConfigError(f"trainer.devices={n} but {cores} CPU core(s) are available to this process; with "
+                          f"trainer.accelerator=cpu use trainer.devices=1 to {cores}")
+
+
+def _cpu_cores() -> int:
+    """The cores this process may run on (a cgroup or taskset may allow fewer than the machine has)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
+def _rank_main(rank: int, world: World, payload, report, pdeathsig: bool) -> None:
     from advtrain.engine.run import train
     from advtrain.errors import USER_ERRORS
 
+    _die_with_parent(pdeathsig)
+    # Ctrl-C at a terminal reaches its whole foreground process group. In a group of its own a rank hears Ctrl-C
+    # once, as the parent forwards it; hearing it twice (terminal and parent) would mean "stop at once, without a
+    # checkpoint".
+    os.setpgrp()
     cfg_yaml, hydra_plain, run_dir = payload
     code = 0
     try:
@@ -125,10 +154,11 @@ def _rank_main(rank: int, world: World, payload, report) -> None:
     except USER_ERRORS as e:
         report.send(("error", str(e)))
         code = 2
-    except KeyboardInterrupt:  # Ctrl-C reaches every process of the terminal's group; the parent handles it
+    except KeyboardInterrupt:  # a second Ctrl-C, forwarded: the parent reports it and ends every rank
         code = 130
-    except BaseException:  # noqa: BLE001 - a bug: the parent shows this rank's traceback
-        report.send(("crash", traceback.format_exc()))
+    except BaseException as e:  # noqa: BLE001 - a bug: the parent shows this rank's traceback
+        # ... unless a peer vanished under a collective: then the peer's end is the cause to report.
+        report.send(("lost-peer" if lost_peer(e) else "crash", traceback.format_exc()))
         code = 1
     finally:
         destroy()
@@ -136,50 +166,115 @@ def _rank_main(rank: int, world: World, payload, report) -> None:
         os._exit(code)  # skip interpreter teardown: peers may be blocked in a collective with us
 
 
-def _wait(procs, reports_in) -> tuple[dict, int | None]:
-    """Collect each rank's report until all have exited; on the first failure kill the rest.
+def _die_with_parent(pdeathsig: bool) -> None:
+    """End this rank as soon as the process that started it dies: no one else would stop it, and it would train to
+    the end unsupervised, holding its device."""
+    parent = multiprocessing.parent_process()
+    if pdeathsig and _set_parent_death_signal():
+        if os.getppid() != parent.pid:  # the parent died before prctl: no signal will come
+            os.kill(os.getpid(), signal.SIGKILL)
+        return
+    # Elsewhere (or spawned from another thread): the parent's end of a pipe closes when it dies.
+    threading.Thread(target=_kill_self_when_ready, args=(parent.sentinel,), name="advtrain-parent-watch",
+                     daemon=True).start()
 
-    Returns (rank -> (kind, value), the rank that failed first or None)."""
+
+def _set_parent_death_signal() -> bool:
+    """Linux: have the kernel send us SIGKILL when the parent dies, even while we are stuck in native code."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        pr_set_pdeathsig = 1
+        return libc.prctl(ctypes.c_int(pr_set_pdeathsig), ctypes.c_ulong(signal.SIGKILL), ctypes.c_ulong(0),
+                          ctypes.c_ulong(0), ctypes.c_ulong(0)) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+def _kill_self_when_ready(sentinel) -> None:
+    multiprocessing.connection.wait([sentinel])
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wait(procs, reports_in) -> tuple[dict, dict]:
+    """Collect each rank's report until all have exited; on the first failure end the rest.
+
+    Returns (rank -> (kind, value), rank -> exit code of each rank that ended by itself, not killed by us)."""
     reports: dict = {}
+    ended: dict = {}
     waiting = {p.sentinel: ("exit", rank) for rank, p in enumerate(procs)}
     waiting.update({conn: ("report", rank) for rank, conn in enumerate(reports_in)})
-    while any(kind == "exit" for kind, _ in waiting.values()):
-        for ready in multiprocessing.connection.wait(list(waiting)):
-            kind, rank = waiting.pop(ready)
-            if kind == "report":
-                try:
-                    reports[rank] = ready.recv()
-                except EOFError:  # the rank died without a word
-                    pass
-                continue
-            procs[rank].join()
-            if procs[rank].exitcode != 0:
-                # Its report may still sit in the pipe: read it before the others go.
-                conn = reports_in[rank]
-                if rank not in reports and conn.poll(1):
-                    try:
-                        reports[rank] = conn.recv()
-                    except EOFError:
-                        pass
-                for p in procs:
-                    if p.is_alive():
-                        p.kill()
-                for p in procs:
-                    p.join()
-                return reports, rank
-    return reports, None
+    while len(ended) < len(procs) and not _failed(ended):
+        _collect(waiting, procs, reports_in, reports, ended)
+    if _failed(ended):
+        _wait_for_root_cause(waiting, procs, reports_in, reports, ended)
+        for p in procs:
+            if p.is_alive():
+                p.kill()
+        for p in procs:
+            p.join()
+    return reports, ended
 
 
-def _outcome(reports: dict, procs, failed: int | None, previous: dict) -> dict[str, Any]:
+def _collect(waiting: dict, procs, reports_in, reports: dict, ended: dict, timeout: float | None = None) -> None:
+    """Take in whatever is ready: reports, and the exits of ranks (with their last report)."""
+    for ready in multiprocessing.connection.wait(list(waiting), timeout):
+        if ready not in waiting:  # a report already read with its rank's exit, earlier in this batch
+            continue
+        kind, rank = waiting.pop(ready)
+        if kind == "report":
+            _receive(ready, rank, reports)
+            continue
+        procs[rank].join()
+        ended[rank] = procs[rank].exitcode
+        conn = reports_in[rank]
+        if conn in waiting and conn.poll(1):  # its report may still sit in the pipe: read it before the others go
+            del waiting[conn]
+            _receive(conn, rank, reports)
+
+
+def _receive(conn, rank: int, reports: dict) -> None:
+    try:
+        reports[rank] = conn.recv()
+    except EOFError:  # the rank died without a word
+        pass
+
+
+def _failed(ended: dict) -> bool:
+    return any(code != 0 for code in ended.values())
+
+
+def _wait_for_root_cause(waiting: dict, procs, reports_in, reports: dict, ended: dict) -> None:
+    """While the only failures seen are ranks that lost a peer, give the peer's own exit a few seconds to show."""
+    deadline = time.monotonic() + ROOT_CAUSE_WAIT_S
+    while (len(ended) < len(procs) and _only_lost_peers(reports, ended)
+           and (left := deadline - time.monotonic()) > 0):
+        _collect(waiting, procs, reports_in, reports, ended, timeout=left)
+
+
+def _only_lost_peers(reports: dict, ended: dict) -> bool:
+    return all(reports.get(rank, ("",))[0] == "lost-peer" for rank, code in ended.items() if code != 0)
+
+
+def _outcome(reports: dict, ended: dict, n: int, previous: dict) -> dict[str, Any]:
+    # A rank killed by a signal is the cause; the others' errors (a collective that lost it) are consequences.
+    killed = sorted((rank for rank, code in ended.items() if code < 0),
+                    key=lambda rank: (ended[rank] != -signal.SIGKILL, rank))
+    if killed:
+        rank, signum = killed[0], -ended[killed[0]]
+        why = " (the kernel's OOM killer sends it when memory runs out)" if signum == signal.SIGKILL else ""
+        raise RankDied(f"rank {rank} of {n} was killed by {_signal_name(signum)}{why}; the other ranks were stopped")
     for rank, (kind, value) in sorted(reports.items()):
         if kind == "error":
             raise RankError(f"rank {rank}: {value}")
-        if kind == "crash":
-            raise RuntimeError(f"rank {rank} of {len(procs)} failed:\n{value}")
-    if failed is not None:
-        code = procs[failed].exitcode
-        how = f"was killed by {signal.Signals(-code).name}" if code < 0 else f"exited with status {code}"
-        raise RuntimeError(f"rank {failed} of {len(procs)} {how} without reporting an error")
+    # A bug on one rank first, then ranks that merely lost a peer.
+    for rank, (kind, value) in sorted(reports.items(), key=lambda item: (item[1][0] != "crash", item[0])):
+        if kind in ("crash", "lost-peer"):
+            raise RuntimeError(f"rank {rank} of {n} failed:\n{value}")
+    for rank, code in sorted(ended.items()):
+        if code != 0:
+            raise RankDied(f"rank {rank} of {n} exited with status {code} without reporting an error")
     interrupted = [value for kind, value in reports.values() if kind == "interrupted"]
     if interrupted:
         signum, checkpoint = interrupted[0]
@@ -187,17 +282,30 @@ def _outcome(reports: dict, procs, failed: int | None, previous: dict) -> dict[s
     return reports[0][1]
 
 
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:  # a real-time signal has no name
+        return f"signal {signum}"
+
+
 class _forward_signals:
-    """Pass stop signals on to the ranks; remember our previous handlers to chain them afterwards."""
+    """Pass stop signals on to the ranks; remember our previous handlers to chain them afterwards. A second Ctrl-C
+    stops at once: the ranks are killed on the way out (__exit__) and the CLI reports it."""
 
     def __init__(self, procs):
         self.procs = procs
         self.previous: dict = {}
+        self.interrupts = 0
 
     def _forward(self, signum, frame) -> None:
         for p in self.procs:
             if p.pid is not None and p.is_alive():
                 os.kill(p.pid, signum)
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                raise KeyboardInterrupt
 
     def __enter__(self) -> dict:
         for s in STOP_SIGNALS:

@@ -45,6 +45,11 @@ class Method:
         self.info = info
         self._full_cfg, self._budget = cfg, 1.0
 
+    @property
+    def full_cfg(self) -> Any:
+        """The configured settings, whatever the ε warm-up's current scale (self.cfg is the scaled view)."""
+        return self._full_cfg
+
     def set_budget(self, factor: float) -> None:
         """Scale every setting in pixel units (eps, step sizes, start radii: the Config fields marked pixel()) by
         `factor` in [0, 1], the ε warm-up of trainer.eps_warmup; 1 restores the configured values exactly."""

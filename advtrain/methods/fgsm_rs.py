@@ -8,6 +8,8 @@ Catastrophic-overfitting guard (the paper's code, `--early-stop`): after each ep
 training minibatch; when it falls by more than `guard_drop` below the previous epoch's, training stops and the
 weights of the last good epoch are restored. The guard's PGD uses alpha = 2.5 eps / guard_steps so it reaches
 the edge of the ball on any dataset (the paper's CIFAR setting, 5 steps of 2/255 at eps 8/255, is as strong).
+The guard always attacks at the full eps, also during trainer.eps_warmup: epoch to epoch it must compare one threat
+model, or the growing eps of the warm-up reads as a collapse.
 """
 from dataclasses import dataclass
 from typing import Any
@@ -46,7 +48,7 @@ class FGSMRS(Method):
         return cross_entropy_update(ctx, x_adv, batch.y)
 
     def epoch_end(self, ctx, metrics):
-        c = self.cfg
+        c = self.full_cfg
         if not c.guard:
             return {}
         model = ctx.attack_model
