@@ -429,3 +429,42 @@ def test_pgd_rejects_inconsistent_arguments():
             target=torch.full((3, N_CLASSES), 1 / N_CLASSES))
     with pytest.raises(ValueError, match='linf'):
         pgd(model, x, y, eps=0.03, alpha=0.01, steps=1, norm='l1')
+
+
+class _Quantized(nn.Module):
+    """Gradient masking by construction: the input is rounded to 8 bits, whose gradient is zero everywhere, so
+    every gradient attack is blind while a black-box attack (Square) sees the same model as before."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(torch.round(x * 255) / 255)
+
+
+def test_autoattack_reports_gradient_masking_and_the_accuracy_after_each_attack(trained):
+    x, y = make_data(32, seed=6)
+    masked = _Quantized(trained).eval()
+    attack = AutoAttackEval(eps=8 / 255, version='standard', batch_size=32)
+    robust = attack(masked, x, y)
+    after = attack.robust_after
+    assert list(after) == ['apgd-ce', 'apgd-t', 'fab-t', 'square']
+    assert after['square'] == int(robust.sum())  # the last attack's count is AutoAttack's verdict
+    assert after['apgd-ce'] >= after['apgd-t'] >= after['fab-t'] > after['square']  # only the black box gets in
+    assert any(w.startswith('Square Attack has decreased the robust accuracy') for w in attack.warnings)
+
+
+def test_evaluation_records_autoattack_warnings_and_its_breakdown(trained):
+    from advtrain.data.loader import TensorEvalSet
+    from advtrain.engine.evaluate import evaluate
+
+    x, y = make_data(32, seed=6)
+    evalset = TensorEvalSet((x * 255).round().to(torch.uint8), y)
+    warnings = []
+    scores = evaluate(_Quantized(trained), evalset,
+                      {'aa': {'type': 'autoattack', 'eps': 8 / 255, 'version': 'standard'}},
+                      n=None, batch_size=16, warnings=warnings)
+    assert {'aa/apgd-ce', 'aa/apgd-t', 'aa/fab-t', 'aa/square'} <= set(scores)
+    assert scores['aa/square'] == scores['aa'] < scores['aa/apgd-ce'] <= scores['clean']
+    assert len(warnings) == len(set(warnings)) and any('Square Attack' in w for w in warnings)  # once each

@@ -5,9 +5,16 @@
 
 The 'standard' version targets the 9 most likely other classes (APGD-T, FAB-T); a model with fewer classes is
 attacked towards all of its other classes instead (the same rule, capped at what exists).
+
+After each call, `robust_after` holds how many of the examples were still robust after each of AutoAttack's attacks
+in turn (APGD-CE, then APGD-T, ...: a big fall at Square, a black-box attack, after the gradient attacks is the
+mark of gradient masking), and `warnings` the reliability warnings AutoAttack's own checks raised (randomness,
+output range, Square succeeding where gradients failed, ...). Its progress chatter is dropped unless the run asked
+for DEBUG logging; its warnings never are.
 """
 import logging
 from contextlib import contextmanager
+from unittest import mock
 
 import torch
 from torch import Tensor, nn
@@ -18,21 +25,52 @@ from .modes import bn_mode
 AA_NORMS = {'linf': 'Linf', 'l2': 'L2'}
 VERSIONS = ('standard', 'plus', 'rand', 'custom')
 ATTACKS = ('apgd-ce', 'apgd-dlr', 'fab', 'square', 'apgd-t', 'fab-t')
+# pyautoattack's _set_version: the attacks each version runs, in order.
+VERSION_ATTACKS = {'standard': ('apgd-ce', 'apgd-t', 'fab-t', 'square'),
+                   'plus': ('apgd-ce', 'apgd-dlr', 'fab', 'square', 'apgd-t', 'fab-t'),
+                   'rand': ('apgd-ce', 'apgd-dlr')}
 BALL_TOL = 1e-5  # pixel units; float rounding in AutoAttack's own projections stays far below this
 
 
 @contextmanager
-def _quiet(logger: logging.Logger):
-    """AutoAttack logs progress and its sanity checks per batch; keep them only when the run asked for DEBUG."""
-    if logger.isEnabledFor(logging.DEBUG):
-        yield
-        return
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+def _warnings_only(logger: logging.Logger):
+    """Collect AutoAttack's WARNING records (its reliability checks) and show nothing else, unless the run asked for
+    DEBUG, which keeps everything as it was."""
+    caught: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            caught.append(record.getMessage())
+
+    handler = Keep(level=logging.WARNING)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    if not logger.isEnabledFor(logging.DEBUG):
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False  # the caller reports them, once each, in its own words
     try:
-        yield
+        yield caught
     finally:
+        logger.removeHandler(handler)
         logger.setLevel(level)
+        logger.propagate = propagate
+
+
+@contextmanager
+def _robust_accuracy_after_each_attack():
+    """The official code keeps the robust accuracy after each attack in a local dict that it hands to its Square
+    check only: read it there, leaving the check to run as it does."""
+    import pyautoattack.autoattack as official
+
+    seen: dict[str, float] = {}
+    check = official.checks.check_square_sr
+
+    def reading(acc_dict, *args, **kwargs):
+        seen.update(acc_dict)
+        return check(acc_dict, *args, **kwargs)
+
+    with mock.patch.object(official.checks, 'check_square_sr', reading):
+        yield seen
 
 
 class AutoAttackEval:
@@ -48,6 +86,13 @@ class AutoAttackEval:
             raise ValueError(f"unknown AutoAttack attacks {unknown}; valid attacks: {', '.join(ATTACKS)}")
         self.eps, self.norm, self.version, self.seed = float(eps), norm, version, seed
         self.batch_size, self.attacks = batch_size, list(attacks) if attacks is not None else None
+        self.robust_after: dict[str, int] = {}
+        self.warnings: list[str] = []
+
+    @property
+    def attack_names(self) -> list[str]:
+        """The attacks this evaluation runs, in AutoAttack's order."""
+        return list(self.attacks) if self.version == 'custom' else list(VERSION_ATTACKS[self.version])
 
     def __call__(self, model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
         """Bool tensor (N,): True where the example is still classified correctly after every attack."""
@@ -55,7 +100,10 @@ class AutoAttackEval:
         from pyautoattack import AutoAttack  # optional: the core trains and runs PGD without it
 
         devices = [x.device] if x.device.type == 'cuda' else []
-        with bn_mode(model, 'eval'), _quiet(logging.getLogger('auto-attack')), torch.random.fork_rng(devices):
+        # Evaluation is fp32 whatever the training precision: the numbers describe the deployed model.
+        with bn_mode(model, 'eval'), _warnings_only(logging.getLogger('auto-attack')) as warned, \
+                _robust_accuracy_after_each_attack() as after, torch.random.fork_rng(devices), \
+                torch.autocast(x.device.type, enabled=False):
             adversary = AutoAttack(model, norm=AA_NORMS[self.norm], eps=self.eps, version=self.version,
                                    device=x.device, seed=self.seed, attacks=self.attacks)
             with torch.no_grad():
@@ -63,6 +111,13 @@ class AutoAttackEval:
             for targeted in (adversary.apgd_targeted, adversary.fab):
                 targeted.n_target_classes = min(targeted.n_target_classes, other_classes)
             x_adv, y_adv = adversary.run_standard_evaluation(x, y, batch_size=self.batch_size)
+        self.warnings = list(dict.fromkeys(warned))
+        # An attack that did not run found no robust example left: the count stays at the last one's (0).
+        count = round(after.get('clean', 0.0) * len(y))
+        self.robust_after = {}
+        for name in self.attack_names:
+            count = round(after[name] * len(y)) if name in after else count
+            self.robust_after[name] = count
         delta = (x_adv - x).flatten(1)
         size = delta.abs().amax(dim=1) if self.norm == 'linf' else delta.norm(dim=1)
         if (size > self.eps + BALL_TOL).any():

@@ -21,25 +21,38 @@ from advtrain.engine.distributed import SINGLE, Dist
 
 def evaluate(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n: int | None, batch_size: int,
              seed: int = 0, views: Iterable = (("", nullcontext()),),
-             on_progress: Callable[[str], None] | None = None, dist: Dist = SINGLE) -> dict:
+             on_progress: Callable[[str], None] | None = None, dist: Dist = SINGLE,
+             warnings: list[str] | None = None) -> dict:
     """`seed` seeds the attacks' random starts on a forked RNG: the numbers repeat, and the caller's stream (training
-    after a periodic evaluation) goes on as if no evaluation had run."""
+    after a periodic evaluation) goes on as if no evaluation had run.
+
+    An attack made of several (AutoAttack) also reports the accuracy after each of its parts, as "<name>/<part>"
+    (e.g. "autoattack/square"); the reliability warnings they raise are added, once each and from every rank, to
+    `warnings`."""
     attacks = {name: build_attack(name, spec) for name, spec in suite.items()}
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
     with torch.random.fork_rng([device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        return _evaluate(model, evalset, attacks, n, batch_size, views, on_progress, dist, was_training)
+        found: list[str] = []
+        scores = _evaluate(model, evalset, attacks, n, batch_size, views, on_progress, dist, was_training, found)
+    if warnings is not None:
+        for rank_found in dist.gather(found):
+            warnings.extend(w for w in rank_found if w not in warnings)
+    return scores
 
 
-def _evaluate(model, evalset, attacks, n, batch_size, views, on_progress, dist, was_training) -> dict:
+def _evaluate(model, evalset, attacks, n, batch_size, views, on_progress, dist, was_training, found) -> dict:
     results: dict = {}
     total = 0
+    parts = {name: getattr(attack, "attack_names", []) for name, attack in attacks.items()}
     try:
         for suffix, view in views:
             with view:
-                counts = {"clean": 0, **{name: 0 for name in attacks}}
+                # Every key exists on every rank from the start: the counts are summed over ranks by position.
+                counts = {"clean": 0, **{name: 0 for name in attacks},
+                          **{f"{name}/{part}": 0 for name in attacks for part in parts[name]}}
                 total = 0
                 start = time.perf_counter()
                 for x, y in evalset.batches(batch_size, n, dist.rank, dist.world_size):
@@ -48,9 +61,12 @@ def _evaluate(model, evalset, attacks, n, batch_size, views, on_progress, dist, 
                     counts["clean"] += int(clean.sum())
                     for name, attack in attacks.items():
                         counts[name] += int((attack(model, x, y) & clean).sum())
+                        for part, robust in getattr(attack, "robust_after", {}).items():
+                            counts[f"{name}/{part}"] += robust
+                        found.extend(w for w in getattr(attack, "warnings", ()) if w not in found)
                     total += len(y)
                     if on_progress:
-                        accs = ", ".join(f"{k} {v / total:.4f}" for k, v in counts.items())
+                        accs = ", ".join(f"{k} {v / total:.4f}" for k, v in counts.items() if "/" not in k)
                         shard = f" (rank 0 of {dist.world_size})" if dist.enabled else ""
                         on_progress(f"eval{suffix}: {total} examples{shard}, {accs} "
                                     f"({time.perf_counter() - start:.0f} s)")

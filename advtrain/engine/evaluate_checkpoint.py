@@ -36,13 +36,15 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     suite = OmegaConf.to_container(checked.attack)
     con.console.print(f"evaluating {cfg.checkpoint} on {checked.eval.n or data.test.n_examples} test examples: "
                       f"clean, {', '.join(suite) or 'no attacks'}")
+    warnings: list[str] = []
     scores = evaluate(model, data.test, suite, n=checked.eval.n, batch_size=checked.eval.batch_size,
-                      seed=checked.eval.seed, views=method.eval_views(model),
+                      seed=checked.eval.seed, views=method.eval_views(model), warnings=warnings,
                       on_progress=lambda line: con.console.print(line, markup=False))
     loop = LoopState(**state["loop"])
     record = OmegaConf.merge(saved, {"dataset": checked.dataset, "attack": checked.attack, "eval": checked.eval})
     results = build_results(record, loop, float(state["counter"]["total"]), data.train.n_examples, scores, rt,
-                            checkpoint=str(cfg.checkpoint), world_size=int(state.get("world_size", 1)), kind="eval")
+                            checkpoint=str(cfg.checkpoint), world_size=int(state.get("world_size", 1)), kind="eval",
+                            warnings=warnings)
     write_results(results, run_dir / "results.json")
     con.print_results(results)
     con.console.print(f"results: {run_dir / 'results.json'}")

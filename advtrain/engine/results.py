@@ -39,7 +39,7 @@ def device_name(device: torch.device) -> str:
 
 
 def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, checkpoint: str,
-                  world_size: int = 1, kind: str = "train") -> dict[str, Any]:
+                  world_size: int = 1, kind: str = "train", warnings: list[str] = ()) -> dict[str, Any]:
     """`passes`: example-passes spent in training, summed over all ranks. `kind`: "train" for a training run's own
     record, "eval" for advtrain-eval's evaluation of a checkpoint (advtrain-report never counts one as a run)."""
     from omegaconf import OmegaConf
@@ -53,6 +53,8 @@ def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, che
         "images_per_s": examples / max(state.train_time_s, 1e-9),
         "passes_per_example": passes / examples,
         "eval": scores, "stop_reason": state.stop_reason,
+        # The evaluation's own doubts (AutoAttack's reliability checks): a number to read with care.
+        "eval_warnings": list(warnings),
         "device": device_name(rt.device), "world_size": world_size, "precision": rt.precision,
         "batch_size": cfg.trainer.batch_size, "eps": cfg.dataset.eps, "checkpoint": checkpoint,
         # What the final evaluation ran: a rerun of a finished run with the same settings has nothing left to do.

@@ -148,12 +148,13 @@ def _train(cfg, run_dir: Path, dist: Dist, device_index: int, stops, last: LastC
         con.console.print(f"final evaluation on {cfg.eval.n or data.test.n_examples} test examples: "
                           f"clean, {', '.join(suite) or 'no attacks'}")
         sync_buffers(model, dist)
+        warnings: list[str] = []
         scores = evaluate(model, data.test, suite, n=cfg.eval.n, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-                          views=method.eval_views(model), dist=dist,
+                          views=method.eval_views(model), dist=dist, warnings=warnings,
                           on_progress=lambda line: con.console.print(line, markup=False))
         (passes,) = dist.sum([counter.total])
         results = build_results(cfg, state, passes, data.train.n_examples, scores, rt,
-                                checkpoint=str(ckpt_path), world_size=dist.world_size)
+                                checkpoint=str(ckpt_path), world_size=dist.world_size, warnings=warnings)
         if dist.is_main:
             with _reporting_full_disk(results_path, last):
                 write_results(results, results_path)

@@ -36,6 +36,8 @@ def print_results(results: Mapping) -> None:
     table.add_row("images / s", f"{results['images_per_s']:.1f}")
     table.add_row("passes / example", f"{results['passes_per_example']:.2f}")
     console.print(table)
+    for warning in results.get("eval_warnings", ()):
+        console.print(f"warning: AutoAttack: {warning}", markup=False, style="bold yellow")
 
 
 class TrainProgress:

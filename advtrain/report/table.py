@@ -79,8 +79,9 @@ def collect(root: Path) -> list[dict]:
 
 
 def metric_names(runs: list[dict]) -> list[str]:
-    """Accuracies any run reports: clean first, then the attacks in sorted order."""
-    names = {name for run in runs for name in run["eval"] if name != "n"}
+    """Accuracies any run reports: clean first, then the attacks in sorted order. The accuracy after each part of a
+    composite attack ("autoattack/square") is a diagnostic kept in results.json, not a column."""
+    names = {name for run in runs for name in run["eval"] if name != "n" and "/" not in name}
     return sorted(names, key=lambda name: (name != "clean", name))
 
 
