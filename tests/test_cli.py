@@ -35,6 +35,7 @@ def test_training_run_writes_results_and_a_loadable_checkpoint(trained):
     assert len(results["epoch_times_s"]) == 2 and results["train_time_s"] == pytest.approx(sum(results["epoch_times_s"]))
     assert results["eval"]["n"] == 128 and 0 <= results["eval"]["pgd20"] <= results["eval"]["clean"] <= 1
     assert results["passes_per_example"] == pytest.approx(2.0)
+    assert not list(trained.glob("*.log"))  # Hydra's job log goes to the console, not an empty file per run
 
     # The checkpoint gives back the same network: its clean accuracy equals the one the run reported.
     from advtrain.config import check_config
