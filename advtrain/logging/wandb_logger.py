@@ -20,12 +20,14 @@ import netrc
 import os
 import secrets
 import sys
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 RUN_ID_FILE = Path("wandb") / "run_id"  # under the run directory
+RETRY_WAITS_S = (0.0, 1.0, 2.0, 4.0)    # before each offline start after a failed online one
 
 
 def has_credentials() -> bool:
@@ -111,15 +113,26 @@ class WandbLogger:
             if self.mode != "online":
                 return self._without_wandb(f"W&B could not start ({_short(e)})")
             failure = e
-        _drop_failed_start(wandb)
         self.mode = "offline"
         try:
-            run = self._init(wandb, "offline")
+            run = self._offline_after_failed_start(wandb)
         except Exception as e:
             return self._without_wandb(f"W&B could not be reached ({_short(failure)}) nor start offline ({_short(e)})")
         warn(f"{_why_online_failed(wandb, failure, self.timeout_s)}; this run is logged offline under "
              f"{self.wandb_dir}; upload it later with: wandb sync {self.wandb_dir}/offline-run-*")
         return run
+
+    def _offline_after_failed_start(self, wandb):
+        """The offline start, after the failed online one is torn down. On a loaded machine the old service can still
+        hold the run id for a moment ("run ID ... is in use"): tear down again and retry, a few seconds at most."""
+        for wait_s in RETRY_WAITS_S:
+            _drop_failed_start(wandb)
+            time.sleep(wait_s)
+            try:
+                return self._init(wandb, "offline")
+            except Exception as e:
+                if "in use" not in str(e) or wait_s == RETRY_WAITS_S[-1]:
+                    raise
 
     def _without_wandb(self, why: str) -> None:
         warn(f"{why}; training goes on without W&B logging")
