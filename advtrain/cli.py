@@ -22,9 +22,9 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from advtrain.config import ConfigError
 from advtrain.engine.rundir import RunDirBusy, discard_fresh_run_dir
-from advtrain.errors import describe_hydra_error, user_errors
+from advtrain.errors import UserError
+from advtrain.hydra_errors import describe_hydra_error
 from advtrain.sweep import register_resolvers
 
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -47,9 +47,7 @@ def _one_line_errors(task):
         except KeyboardInterrupt:  # a second Ctrl-C
             _exit("interrupted again: stopped at once, without a checkpoint of this moment (the last one stands; "
                   "rerun the command to continue from it)", 130)
-        except ConfigError as e:  # before torch is imported: a config error answers at once
-            _user_error(e)
-        except user_errors() as e:  # evaluated only while an exception is matched, when torch is loaded anyway
+        except UserError as e:
             _user_error(e)
 
     wrapped.__name__, wrapped.__doc__ = task.__name__, task.__doc__
@@ -120,8 +118,8 @@ def _holding(run_dir: Path):
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @_one_line_errors
 def _evaluate(cfg: DictConfig):
-    from advtrain.config import ConfigError
     from advtrain.engine.evaluate_checkpoint import evaluate_checkpoint
+    from advtrain.errors import ConfigError
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("checkpoint= is required: the checkpoint to evaluate, e.g. advtrain-eval "

@@ -16,11 +16,10 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
+from advtrain.errors import ConfigError
 from advtrain.schema import AttackConfig
 
 
-class ConfigError(ValueError):
-    """A user-facing, one-line configuration error."""
 
 
 def parse_pixel(value: Any, key: str) -> float:

@@ -1,86 +1,42 @@
-"""The errors a user can cause, and one-line descriptions of Hydra's composition errors.
+"""The errors a user can cause and fix: one leaf module, imported by every layer, importing nothing of advtrain.
 
-Importing this module imports no torch (the CLI imports it before anything else, and `advtrain --help` or a config
-error must answer at once); the error classes that live beside torch code are imported when USER_ERRORS is first
-read, which is when a run has started or an error is being matched.
+Every one of them is reported by the CLI as ONE line on stderr with exit status 2, never a traceback; so each is
+built from a one-line message (a wrapped library message that spans lines is joined).
 """
 from __future__ import annotations
 
-from dataclasses import fields
-from pathlib import Path
 
-from advtrain.config import TOP_LEVEL, ConfigError, _unknown_key
-from advtrain.schema import TRAIN_SECTIONS
+class UserError(Exception):
+    """A problem with the user's input or surroundings (config, data, checkpoint, a failed run), described in one
+    line that names the bad value and what would be valid."""
 
-
-def user_errors() -> tuple[type[BaseException], ...]:
-    from advtrain.data import DataError
-    from advtrain.engine.checkpoint import CheckpointError
-    from advtrain.engine.launch import RankDied, RankError
-    from advtrain.engine.loop import TrainingError
-
-    return ConfigError, DataError, CheckpointError, TrainingError, RankError, RankDied
+    def __init__(self, message: str = ""):
+        super().__init__(" ".join(str(message).split()))
 
 
-def __getattr__(name: str):
-    if name == "USER_ERRORS":  # `from advtrain.errors import USER_ERRORS` and `except USER_ERRORS` keep working
-        return user_errors()
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+class ConfigError(UserError, ValueError):
+    """A config value that is unknown, of the wrong type or out of range."""
 
 
-def describe_hydra_error(e: BaseException) -> str | None:
-    """One line for an error Hydra or OmegaConf raised while composing the config; None if it is not one."""
-    from hydra.errors import HydraException, MissingConfigException
-    from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException
-
-    if not isinstance(e, (HydraException, OmegaConfBaseException)):
-        return None
-    cause = e.__cause__
-    if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
-        full_key = str(cause.full_key)
-        section, _, key = full_key.rpartition(".")
-        if not section:  # the top level takes no new keys: check_config would refuse a +key as well
-            return _unknown_key(full_key, key, sorted(TOP_LEVEL))
-        chosen = _chosen_keys(section, cause.parent_node)
-        if chosen is not None and key in _valid_keys(section):
-            return (f"'{full_key}' is not a setting of the chosen {section} option; it takes: "
-                    f"{', '.join(chosen)}")
-        if key in _valid_keys(section):
-            return f"'{full_key}' is not a setting of the chosen {section} option (other {section} options take it)"
-        return _unknown_key(full_key, key, _valid_keys(section)) + f" (to add a new key on purpose: +{full_key}=...)"
-    if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in str(e.missing_cfg_file):
-        group, _, option = str(e.missing_cfg_file).rpartition("/")
-        options = sorted(p.stem for p in (Path(__file__).parent / "conf" / group).glob("*.yaml"))
-        if options:
-            return f"{group}={option} is not an option; choose one of: {', '.join(options)}"
-    return _first_line(e)
+class DataError(UserError):
+    """Missing, corrupt or misplaced dataset files."""
 
 
-def _chosen_keys(section: str, node) -> list[str] | None:
-    """The keys the chosen option of `section` takes (a method's own schema), where the failing node names it."""
-    if section != "method":
-        return None
-    from advtrain.methods import METHODS
-
-    try:
-        name = node.get("name") if node is not None else None
-    except Exception:  # noqa: BLE001 - an unreadable node: fall back to the general message
-        return None
-    if name in METHODS:
-        return [f.name for f in fields(METHODS[name].Config)]
-    return None
+class CheckpointError(UserError):
+    """A checkpoint that cannot be read safely, or does not match the run."""
 
 
-def _valid_keys(section: str) -> list[str]:
-    if section in TRAIN_SECTIONS:
-        return [f.name for f in fields(TRAIN_SECTIONS[section])]
-    if section == "method":
-        from advtrain.methods import METHODS  # the plug-ins' own schemas live beside their torch code
-
-        return sorted({f.name for m in METHODS.values() for f in fields(m.Config)})
-    return []
+class TrainingError(UserError):
+    """Training itself failed in a way the user must fix (a NaN loss)."""
 
 
-def _first_line(e: BaseException) -> str:
-    text = " ".join(line.strip() for line in str(e).strip().splitlines() if line.strip())
-    return text.replace("\t", " ")[:400]
+class RankError(UserError):
+    """A user error raised on one rank of a multi-process run."""
+
+
+class RankDied(UserError):
+    """A rank ended without a word, mostly killed from outside (the kernel's OOM killer, kill -9). Not the user's
+    input, but reported the same way: one line, exit status 2 (there is no traceback of the rank to show)."""
+
+
+USER_ERRORS = (UserError,)

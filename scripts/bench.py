@@ -46,7 +46,8 @@ from advtrain.engine.loop import train_batch  # noqa: E402
 from advtrain.engine.optim import resolve_impl  # noqa: E402
 from advtrain.engine.precision import resolve_runtime, seed_everything  # noqa: E402
 from advtrain.engine.run import build_context, build_parts  # noqa: E402
-from advtrain.errors import USER_ERRORS, describe_hydra_error  # noqa: E402
+from advtrain.errors import UserError  # noqa: E402
+from advtrain.hydra_errors import describe_hydra_error  # noqa: E402
 from advtrain.schema import TRAIN_SECTIONS  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -301,7 +302,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = bench(opts, overrides)
     except Exception as e:  # config, data and checkpoint errors: one line, as advtrain prints them
-        message = str(e) if isinstance(e, USER_ERRORS) else describe_hydra_error(e)
+        message = str(e) if isinstance(e, UserError) else describe_hydra_error(e)
         if message is None:
             raise
         print(f"bench: error: {message}", file=sys.stderr)

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
-from advtrain.engine.checkpoint import build_network
+from advtrain.engine.network import build_network
 from bench_measure import Runner
 
 REFERENCE = "reference (papers' loop)"

@@ -1,9 +1,5 @@
-"""The one exception the data package raises for problems a user can fix (missing or corrupt files, bad sizes)."""
+"""The data package's user-facing error (missing or corrupt files, bad sizes), defined with the others in
+advtrain.errors."""
+from advtrain.errors import DataError
 
-
-class DataError(Exception):
-    """A one-line, user-facing message; the CLI prints str(e) as it is, without a traceback."""
-
-    def __init__(self, message: str):
-        # Wrapped library messages sometimes span lines; the CLI contract is one line.
-        super().__init__(" ".join(str(message).split()))
+__all__ = ["DataError"]

@@ -5,10 +5,12 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from advtrain.config import ConfigError, check_config
+from advtrain.config import check_config
+from advtrain.errors import ConfigError
 from advtrain.schema import DatasetConfig, EvalConfig, TrainerConfig
 from advtrain.data import build_data
-from advtrain.engine.checkpoint import load_checkpoint, model_from_checkpoint
+from advtrain.engine.checkpoint import load_checkpoint
+from advtrain.engine.network import model_from_checkpoint
 from advtrain.engine.evaluate import evaluate
 from advtrain.engine.loop import LoopState
 from advtrain.engine.precision import resolve_runtime

@@ -28,21 +28,11 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from advtrain.config import ConfigError
+from advtrain.errors import ConfigError, RankDied, RankError, UserError
 from advtrain.engine.distributed import World, destroy, external_world, init_process_group, lost_peer
 from advtrain.engine.precision import resolve_accelerator
 from advtrain.engine.rundir import discard_fresh_run_dir
 from advtrain.engine.signals import STOP_SIGNALS, Interrupted
-
-
-class RankError(Exception):
-    """A user error (bad data, NaN loss, ...) raised on one rank of a multi-process run, reported as one line."""
-
-
-class RankDied(Exception):
-    """A rank ended without a word, mostly killed from outside (the kernel's OOM killer, kill -9). One line: there is
-    no traceback of the rank to show, and the parent's would show only this module. Exit status 2, as every one-line
-    error (the CLI has no other status for them)."""
 
 
 # When the first ranks to fail only lost a peer under a collective, wait this long for the peer's own end to show,
@@ -128,7 +118,6 @@ def _cpu_cores() -> int:
 
 def _rank_main(rank: int, world: World, payload, report, pdeathsig: bool) -> None:
     from advtrain.engine.run import train
-    from advtrain.errors import USER_ERRORS
 
     _die_with_parent(pdeathsig)
     # Ctrl-C at a terminal reaches its whole foreground process group. In a group of its own a rank hears Ctrl-C
@@ -151,7 +140,7 @@ def _rank_main(rank: int, world: World, payload, report, pdeathsig: bool) -> Non
         report.send(("ok", results if rank == 0 else None))
     except Interrupted as e:
         report.send(("interrupted", (e.signum, e.checkpoint)))
-    except USER_ERRORS as e:
+    except UserError as e:
         report.send(("error", str(e)))
         code = 2
     except KeyboardInterrupt:  # a second Ctrl-C, forwarded: the parent reports it and ends every rank

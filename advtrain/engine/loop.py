@@ -17,10 +17,7 @@ from advtrain.engine.context import TrainContext
 from advtrain.engine.optim import lr_factor, set_lr
 from advtrain.engine.signals import STOP_SIGNALS, Interrupted, catch_signals
 from advtrain.engine.timing import Stopwatch
-
-
-class TrainingError(Exception):
-    """A user-facing, one-line failure of training itself (e.g. a NaN loss)."""
+from advtrain.errors import TrainingError
 
 
 @dataclass

@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 
-from advtrain.config import ConfigError
+from advtrain.errors import ConfigError
 
 
 @dataclass

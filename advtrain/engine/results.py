@@ -15,9 +15,9 @@ from advtrain.engine.atomic import atomic_write
 def versions() -> dict[str, str | None]:
     import torchvision
 
-    import advtrain
+    from advtrain._version import __version__
 
-    return {"advtrain": advtrain.__version__, "git": _git_commit(), "torch": torch.__version__,
+    return {"advtrain": __version__, "git": _git_commit(), "torch": torch.__version__,
             "torchvision": torchvision.__version__, "python": platform.python_version(),
             "cuda": torch.version.cuda, "cudnn": str(torch.backends.cudnn.version())
             if torch.backends.cudnn.is_available() else None}

@@ -17,12 +17,12 @@ from torch.nn.parallel import DistributedDataParallel
 
 from advtrain.data import Data, build_data
 from advtrain.engine.atomic import is_disk_full, remove_stale_temps
-from advtrain.engine.checkpoint import (CheckpointError, build_network, load_checkpoint, model_spec,
-                                       save_checkpoint)
+from advtrain.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from advtrain.engine.context import TrainContext
 from advtrain.engine.distributed import SINGLE, Dist, rank_seed
 from advtrain.engine.evaluate import evaluate, periodic_suite
 from advtrain.engine.loop import LoopState, run_epochs
+from advtrain.engine.network import build_network, model_spec
 from advtrain.engine.optim import build_optimizer
 from advtrain.engine.precision import Runtime, resolve_runtime, rng_state, seed_everything, set_rng_state
 from advtrain.engine.results import attack_suite, build_results, eval_settings, write_results

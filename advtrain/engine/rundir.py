@@ -14,7 +14,7 @@ import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
-from advtrain.config import ConfigError
+from advtrain.errors import ConfigError
 
 try:
     import fcntl

@@ -28,7 +28,7 @@ from advtrain.methods.schedules import GradMagnitude, MagnitudeRule
 if TYPE_CHECKING:
     from advtrain.data import DatasetInfo
     from advtrain.data import Batch
-    from advtrain.engine.context import TrainContext
+    from advtrain.methods.context import MethodContext
 
 
 class Method:
@@ -70,10 +70,10 @@ class Method:
         """Change the model once, when it is built (before the optimizer and checkpoint loading)."""
         return model
 
-    def setup(self, ctx: TrainContext) -> None:
+    def setup(self, ctx: MethodContext) -> None:
         """Called once before training, after the model is on its device and any checkpoint is loaded."""
 
-    def train_step(self, batch: Batch, ctx: TrainContext) -> dict[str, Tensor]:
+    def train_step(self, batch: Batch, ctx: MethodContext) -> dict[str, Tensor]:
         """Perform this minibatch's update(s); return detached scalar tensors to average over the epoch.
 
         Must include "loss"; "acc" (accuracy on the inputs the update trained on) is shown on the progress bar.
@@ -81,10 +81,10 @@ class Method:
         """
         return cross_entropy_update(ctx, batch.x, batch.y)
 
-    def epoch_start(self, ctx: TrainContext) -> None:
+    def epoch_start(self, ctx: MethodContext) -> None:
         """Called before each epoch's first batch."""
 
-    def epoch_end(self, ctx: TrainContext, metrics: dict[str, float]) -> dict[str, float]:
+    def epoch_end(self, ctx: MethodContext, metrics: dict[str, float]) -> dict[str, float]:
         """Called after each epoch with its averaged metrics; returns extra per-epoch values to log."""
         return {}
 
@@ -118,14 +118,14 @@ class StepsMethod(Method):
             self.steps = self.schedule.count
             self.grad_mag = GradMagnitude()
 
-    def attack(self, ctx: TrainContext, x: Tensor, y: Tensor | None, **kwargs) -> Tensor:
+    def attack(self, ctx: MethodContext, x: Tensor, y: Tensor | None, **kwargs) -> Tensor:
         """The method's PGD with the current K; under a schedule, its last step's gradient also feeds G."""
         c = self.cfg
         common = dict(eps=c.eps, alpha=c.alpha, steps=self.steps, bn=c.bn, counter=ctx.counter, **kwargs)
         last_grad = None if self.schedule is None else self.grad_mag.add
         return pgd(ctx.attack_model, x, y, last_grad=last_grad, **common)
 
-    def epoch_end(self, ctx: TrainContext, metrics: dict[str, float]) -> dict[str, float]:
+    def epoch_end(self, ctx: MethodContext, metrics: dict[str, float]) -> dict[str, float]:
         used = {"attack_steps": float(self.steps)}
         if self.schedule is None:
             return used
@@ -145,7 +145,7 @@ class StepsMethod(Method):
             self.grad_mag.load_state_dict(state["G"])
 
 
-def cross_entropy_update(ctx: TrainContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
+def cross_entropy_update(ctx: MethodContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:
     """One update on CE(f(x), y), counted as one pass per example: the last step of most methods."""
     logits = ctx.model(x)
     loss = nn.functional.cross_entropy(logits, y)

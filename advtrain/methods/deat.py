@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 
 from advtrain.attacks import random_init
-from advtrain.config import ConfigError
+from advtrain.errors import ConfigError
 from advtrain.schema import pixel
 from advtrain.methods.base import Method
 from advtrain.methods.replay import carried_buffer, replay

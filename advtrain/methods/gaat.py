@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from advtrain.attacks import pgd, random_init
-from advtrain.config import ConfigError
+from advtrain.errors import ConfigError
 from advtrain.data.augment import apply_augmentation, invert_augmentation
 from advtrain.methods.base import StepsMethod, cross_entropy_update
 from advtrain.schema import pixel

@@ -20,7 +20,7 @@ from torch.nn import functional as F
 from advtrain.methods.base import accuracy
 
 if TYPE_CHECKING:
-    from advtrain.engine.context import TrainContext
+    from advtrain.methods.context import MethodContext
 
 
 @dataclass
@@ -33,7 +33,7 @@ class Replayed:
     grad: Tensor        # the last replay's input gradient of the batch-mean CE, unscaled (M-DEAT's G)
 
 
-def replay(ctx: TrainContext, x: Tensor, y: Tensor, delta: Tensor, *, replays: int, step: float,
+def replay(ctx: MethodContext, x: Tensor, y: Tensor, delta: Tensor, *, replays: int, step: float,
            eps: float) -> Replayed:
     """`replays` (>= 1) updates on (x, y), starting from `delta` (not written to)."""
     loss_sum = torch.zeros((), device=x.device)

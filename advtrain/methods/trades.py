@@ -40,7 +40,7 @@ class TRADES(StepsMethod):
 
     def setup(self, ctx):
         if self.cfg.forward == "separate" and ctx.dist.enabled:
-            from advtrain.config import ConfigError
+            from advtrain.errors import ConfigError
 
             raise ConfigError("method.forward=separate needs one device: DDP allows one forward per backward; use "
                               "method.forward=joint (or auto) with trainer.devices > 1")
