@@ -40,19 +40,6 @@ def parse_pixel(value: Any, key: str) -> float:
     return number
 
 
-CHOICES = {
-    "trainer.accelerator": ("auto", "cpu", "cuda"),
-    "trainer.precision": ("auto", "fp32", "bf16", "fp16"),
-    "trainer.channels_last": ("auto", "true", "false"),
-    "trainer.progress": ("auto", "bar", "lines", "off"),
-    "trainer.compile_mode": ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
-    "optim.name": ("sgd", "adam"),
-    "optim.impl": ("auto", "fused", "foreach", "loop"),
-    "schedule.name": ("constant", "piecewise", "cosine", "cyclic"),
-    "logger.name": ("wandb", "none"),
-    "logger.mode": ("auto", "online", "offline", "disabled"),
-    "dataset.name": ("mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "imagefolder", "synthetic"),
-}
 POSITIVE = ("trainer.epochs", "trainer.batch_size", "trainer.devices", "eval.batch_size", "eval.every_n",
             "trainer.nan_check_every", "optim.lr", "logger.init_timeout_s")
 NON_NEGATIVE = ("trainer.checkpoint_every", "eval.every", "dataset.val_size", "dataset.crop_padding",
@@ -82,6 +69,9 @@ def _check_section(section: Any, schema, prefix: str) -> dict:
     for f in fields(schema):
         if f.metadata.get("pixel") and out[f.name] is not None:
             out[f.name] = parse_pixel(out[f.name], f"{prefix}.{f.name}")
+        valid = f.metadata.get("choices")
+        if valid and str(out[f.name]).lower() not in valid:
+            raise ConfigError(f"{prefix}.{f.name}={out[f.name]!r} is not valid; choose one of: {', '.join(valid)}")
     return out
 
 
@@ -122,11 +112,6 @@ def check_config(cfg: DictConfig, sections: dict[str, type]) -> DictConfig:
         out["method"] = _check_method(raw["method"])
     if "attack" in raw:
         out["attack"] = _check_attacks(raw["attack"])
-    for key, valid in CHOICES.items():
-        if key.split(".")[0] in out:
-            value = str(_get(out, key)).lower()
-            if value not in valid:
-                raise ConfigError(f"{key}={_get(out, key)!r} is not valid; choose one of: {', '.join(valid)}")
     for key in POSITIVE:
         if key.split(".")[0] in out and not _get(out, key) > 0:
             raise ConfigError(f"{key}={_get(out, key)!r} must be > 0")
@@ -165,21 +150,13 @@ def _check_optional_packages(cfg: dict) -> None:
 
 
 def _check_method(section: Any) -> dict:
-    from advtrain.methods import METHODS
+    from advtrain.methods import UnknownMethod, method_class
 
-    name = section.get("name") if isinstance(section, dict) else section
-    if name not in METHODS:
-        raise ConfigError(f"method={name!r} is not a known method; choose one of: {', '.join(sorted(METHODS))}")
-    out = _check_section(section, METHODS[name].Config, "method")
-    for key, valid in METHOD_CHOICES.items():
-        if key in out and out[key] not in valid:
-            raise ConfigError(f"method.{key}={out[key]!r} is not valid; choose one of: {', '.join(valid)}")
-    return out
-
-
-METHOD_CHOICES = {"bn": ("eval", "train", "keep"), "start": ("uniform", "uniform_raw", "none"),
-                  "forward": ("auto", "separate", "joint"), "rule": ("fixed", "accuracy", "magnitude"),
-                  "steps_schedule": ("none", "magnitude"), "exact_at": ("spread", "first")}
+    try:
+        cls = method_class(section if isinstance(section, dict) else {"name": section})
+    except UnknownMethod as e:
+        raise ConfigError(str(e)) from None
+    return _check_section(section, cls.Config, "method")
 
 
 def _check_attacks(section: Any) -> dict:
@@ -191,14 +168,9 @@ def _check_attacks(section: Any) -> dict:
     suite = {name: {k: v for k, v in _check_section(spec, AttackConfig, f"attack.{name}").items() if k in spec}
              for name, spec in section.items()}
     for name, spec in suite.items():
-        for key, valid in (("type", ATTACK_TYPES), ("norm", ("linf", "l2")), ("loss", ("ce", "cw"))):
-            if key in spec and spec[key] not in valid:
-                raise ConfigError(f"attack.{name}.{key}={spec[key]!r} is not valid; choose one of: {', '.join(valid)}")
         if spec["type"] in ("pgd", "cw") and (spec.get("steps", 0) < 1 or spec.get("alpha") is None):
             raise ConfigError(f"attack.{name}: a {spec['type']} attack needs steps >= 1 and an alpha (step size)")
         if spec.get("restarts", 1) < 1:
             raise ConfigError(f"attack.{name}.restarts={spec['restarts']} must be >= 1")
     return suite
 
-
-ATTACK_TYPES = ("pgd", "fgsm", "cw", "autoattack")

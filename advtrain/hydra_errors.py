@@ -42,24 +42,22 @@ def _chosen_keys(section: str, node) -> list[str] | None:
     """The keys the chosen option of `section` takes (a method's own schema), where the failing node names it."""
     if section != "method":
         return None
-    from advtrain.methods import METHODS
+    from advtrain.methods import method_class
 
     try:
-        name = node.get("name") if node is not None else None
-    except Exception:  # noqa: BLE001 - an unreadable node: fall back to the general message
+        cls = method_class({k: node.get(k) for k in ("name", "_target_")})
+    except Exception:  # noqa: BLE001 - an unreadable node or an unknown method: fall back to the general message
         return None
-    if name in METHODS:
-        return [f.name for f in fields(METHODS[name].Config)]
-    return None
+    return [f.name for f in fields(cls.Config) if f.name != "_target_"]
 
 
 def _valid_keys(section: str) -> list[str]:
     if section in TRAIN_SECTIONS:
         return [f.name for f in fields(TRAIN_SECTIONS[section])]
     if section == "method":
-        from advtrain.methods import METHODS  # the plug-ins' own schemas live beside their torch code
+        from advtrain.methods import discover  # the plug-ins' own schemas live beside their torch code
 
-        return sorted({f.name for m in METHODS.values() for f in fields(m.Config)})
+        return sorted({f.name for m in discover().values() for f in fields(m.Config)} - {"_target_"})
     return []
 
 

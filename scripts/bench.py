@@ -39,7 +39,7 @@ from torch import nn  # noqa: E402
 
 import advtrain  # noqa: E402
 from advtrain.attacks import PassCounter  # noqa: E402
-from advtrain.attacks import engine as attack_engine  # noqa: E402
+from advtrain.attacks import projected as attack_engine  # noqa: E402
 from advtrain.config import check_config  # noqa: E402
 from advtrain.data import Batch  # noqa: E402
 from advtrain.engine.loop import train_batch  # noqa: E402

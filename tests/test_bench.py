@@ -11,7 +11,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from advtrain.attacks import engine, pgd
+from advtrain.attacks import pgd
+from advtrain.attacks import projected as engine
 from conftest import REPO
 
 sys.path.insert(0, str(REPO / "scripts"))  # bench.py's own modules (bench_measure, bench_reference)

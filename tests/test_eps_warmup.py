@@ -31,14 +31,14 @@ def test_budget_scales_the_pixel_settings_only_and_restores_them_exactly(method)
     cfg = checked([f"method={method}"])
     m = build_method(cfg.method, SimpleNamespace(name="synthetic"))
     full = {k: getattr(cfg.method, k) for k in ("eps", "alpha", "step", "tau", "steps", "replays") if k in cfg.method}
-    m.set_budget(0.25)
+    m.scale_threat_model(0.25)
     for key, value in full.items():
         scaled = getattr(m.cfg, key)
         if key in ("steps", "replays") or value is None:
             assert scaled == value  # counts are not in pixel units
         else:
             assert scaled == pytest.approx(0.25 * value)
-    m.set_budget(1.0)
+    m.scale_threat_model(1.0)
     assert all(getattr(m.cfg, k) == v for k, v in full.items()) and m.cfg is cfg.method
 
 

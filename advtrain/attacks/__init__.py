@@ -1,6 +1,6 @@
-"""One attack engine for training methods and evaluation, plus the AutoAttack adapter and the suite builder."""
+"""The attacks: projected gradient attacks for training methods and evaluation, the AutoAttack adapter, the suite."""
 from .autoattack import AutoAttackEval
-from .engine import fgsm, pgd
+from .projected import fgsm, pgd
 from .geometry import project, random_init
 from .modes import bn_mode
 from .passes import PassCounter

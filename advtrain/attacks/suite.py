@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .autoattack import AutoAttackEval
-from .engine import fgsm, pgd
+from .projected import fgsm, pgd
 from .modes import bn_mode
 
 # type -> (required keys, optional keys) besides 'type'

@@ -32,14 +32,7 @@ from advtrain.logging import console as con
 from advtrain.logging.wandb_logger import NullLogger, build_logger
 from advtrain.methods import build_method
 from advtrain.methods.base import Method
-
-# Config keys that shape the training trajectory: a checkpoint resumes only into a run that agrees on all of them.
-TRAJECTORY_KEYS = ("arch", "method", "optim", "schedule", "seed", "trainer.epochs", "trainer.batch_size",
-                   "trainer.eps_warmup",
-                   "dataset.name", "dataset.train_subset", "dataset.val_size", "dataset.crop_padding",
-                   "dataset.flip", "dataset.mean", "dataset.std", "dataset.shape", "dataset.num_classes",
-                   "dataset.n_train", "dataset.noise")
-
+from advtrain.schema import trajectory_keys
 
 class LastCheckpoint:
     """The newest checkpoint on disk, described for the messages of a failed write or a stop outside the loop."""
@@ -272,7 +265,7 @@ def _resume_state(cfg, ckpt_path: Path, world_size: int) -> dict | None:
         raise CheckpointError(f"cannot resume from {path}: it was written by {written_by} process(es), this run has "
                               f"{world_size}; resume with trainer.devices={written_by}")
     saved = OmegaConf.create(state["config"])
-    for key in TRAJECTORY_KEYS:
+    for key in trajectory_keys():  # the schema marks them: a checkpoint resumes only where they all agree
         ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
         if _plain(ours) != _plain(theirs):
             raise CheckpointError(f"cannot resume from {path}: it was trained with {key}={_plain(theirs)}, this run "

@@ -1,15 +1,80 @@
-"""Training methods as plug-ins over one loop: each module holds one method; METHODS maps config names to them."""
-from advtrain.methods.base import Method
-from advtrain.methods.deat import DEAT
-from advtrain.methods.fgsm_rs import FGSMRS
-from advtrain.methods.free import FreeAT
-from advtrain.methods.gaat import GAAT
-from advtrain.methods.natural import Natural
-from advtrain.methods.pgd import PGDAT
-from advtrain.methods.trades import TRADES
+"""Training methods as plug-ins over one loop. A method is one module and one YAML, nothing else to edit:
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (Natural, PGDAT, FGSMRS, FreeAT, TRADES, DEAT, GAAT)}
+- `advtrain/methods/<name>.py` defines one subclass of `Method`, with its settings in a nested `Config(MethodConfig)`
+  dataclass (`pixel()` and `choice()` mark pixel-unit and fixed-choice fields);
+- `advtrain/conf/method/<name>.yaml` holds `name: <name>` and the defaults, and `method=<name>` selects it.
+
+A method kept outside the package (your own code) names its class in the YAML instead: `_target_:
+my_package.my_method.MyMethod`, with the YAML in a config folder Hydra searches (`hydra.searchpath=[file://...]`).
+docs/methods.md, "Adding a method", walks through one.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Mapping
+
+from advtrain.errors import ConfigError
+from advtrain.methods.base import Method
+
+HELPERS = {"base", "context", "replay", "schedules"}  # modules of this package that hold no method
+
+
+class UnknownMethod(ConfigError):
+    pass
+
+
+def shipped() -> list[str]:
+    """The methods advtrain ships: one YAML each in advtrain/conf/method/."""
+    folder = Path(__file__).resolve().parents[1] / "conf" / "method"
+    return sorted(p.stem for p in folder.glob("*.yaml"))
+
+
+def the_method_of(module: ModuleType) -> type[Method]:
+    """The one Method subclass a method module defines."""
+    found = [c for c in vars(module).values()
+             if isinstance(c, type) and issubclass(c, Method) and c.__module__ == module.__name__]
+    if len(found) != 1:
+        raise UnknownMethod(f"{module.__name__} must define exactly one subclass of advtrain.methods.Method; it "
+                            f"defines {len(found)}")
+    return found[0]
+
+
+def method_class(section: Mapping[str, Any]) -> type[Method]:
+    """The class a method section selects: its `_target_`, else advtrain/methods/<name>.py."""
+    target = section.get("_target_")
+    if target:
+        module_name, _, class_name = str(target).rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise UnknownMethod(f"method._target_={target!r} cannot be imported ({e}); give the class as "
+                                "package.module.Class, importable from this Python") from None
+        if not (isinstance(cls, type) and issubclass(cls, Method)):
+            raise UnknownMethod(f"method._target_={target!r} is not a subclass of advtrain.methods.Method")
+        return cls
+    name = section.get("name")
+    if not isinstance(name, str) or name in HELPERS or not (Path(__file__).parent / f"{name}.py").is_file():
+        raise UnknownMethod(f"method={name!r} is not a known method; choose one of: {', '.join(shipped())}")
+    return the_method_of(importlib.import_module(f"{__name__}.{name}"))
+
+
+def discover() -> dict[str, type[Method]]:
+    """Every method module of this package, by name."""
+    return {info.name: the_method_of(importlib.import_module(f"{__name__}.{info.name}"))
+            for info in pkgutil.iter_modules(__path__) if info.name not in HELPERS}
 
 
 def build_method(cfg, info) -> Method:
-    return METHODS[cfg.name](cfg, info)
+    return method_class(cfg)(cfg, info)
+
+
+def __getattr__(name: str):
+    if name == "METHODS":  # name -> class of every method this package holds
+        return discover()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["Method", "build_method", "discover", "method_class", "shipped", "the_method_of"]

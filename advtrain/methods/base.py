@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from advtrain.attacks import pgd
 from advtrain.methods.schedules import GradMagnitude, MagnitudeRule
+from advtrain.schema import MethodConfig
 
 if TYPE_CHECKING:
     from advtrain.data import DatasetInfo
@@ -32,30 +33,27 @@ if TYPE_CHECKING:
 
 
 class Method:
-    """Base class: natural training. Subclasses override `train_step` and whichever hooks they need."""
+    """Base class: natural training. Subclasses override `train_step` and whichever hooks they need, and declare
+    their settings in a nested `Config(MethodConfig)` dataclass that mirrors their YAML."""
 
-    name = "natural"
-
-    @dataclass
-    class Config:
-        name: str = "natural"
+    Config = MethodConfig
 
     def __init__(self, cfg: Any, info: DatasetInfo):
         self.cfg = cfg
         self.info = info
-        self._full_cfg, self._budget = cfg, 1.0
+        self._full_cfg, self._threat_scale = cfg, 1.0
 
     @property
     def full_cfg(self) -> Any:
         """The configured settings, whatever the ε warm-up's current scale (self.cfg is the scaled view)."""
         return self._full_cfg
 
-    def set_budget(self, factor: float) -> None:
+    def scale_threat_model(self, factor: float) -> None:
         """Scale every setting in pixel units (eps, step sizes, start radii: the Config fields marked pixel()) by
         `factor` in [0, 1], the ε warm-up of trainer.eps_warmup; 1 restores the configured values exactly."""
-        if factor == self._budget:
+        if factor == self._threat_scale:
             return
-        self._budget = factor
+        self._threat_scale = factor
         if factor == 1.0:
             self.cfg = self._full_cfg
             return

@@ -24,7 +24,7 @@ import torch
 
 from advtrain.attacks import random_init
 from advtrain.errors import ConfigError
-from advtrain.schema import pixel
+from advtrain.schema import MethodConfig, choice, pixel
 from advtrain.methods.base import Method
 from advtrain.methods.replay import carried_buffer, replay
 from advtrain.methods.schedules import AccuracyRule, FixedRule, GradMagnitude, MagnitudeRule, Rule
@@ -33,16 +33,14 @@ R_MAX = {"fixed": 5, "accuracy": 4, "magnitude": 8}  # the paper's cap for each 
 
 
 class DEAT(Method):
-    name = "deat"
 
     @dataclass
-    class Config:
-        name: str = "deat"
+    class Config(MethodConfig):
         eps: Any = pixel()
         alpha: Any = pixel(None)       # delta step per replay; None = 1.25 eps (the standard setting's 10/255 at 8/255)
         tau: Any = pixel(None)         # start radius, delta ~ U(-tau, tau); None = eps (8/255 in the paper)
         carry: bool = False            # keep delta across minibatches (FREE's buffer) instead of a fresh start
-        rule: str = "magnitude"        # fixed (DEAT-d) | accuracy (DEAT-p) | magnitude (M-DEAT)
+        rule: str = choice("fixed", "accuracy", "magnitude", default="magnitude")  # DEAT-d | DEAT-p | M-DEAT
         replays: int = 1               # r in the first epoch
         r_max: Optional[int] = None    # most replays; None = the rule's published cap: fixed 5, accuracy 4, magnitude 8
         d: int = 3                     # fixed: epochs between extra replays

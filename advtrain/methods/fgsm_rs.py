@@ -17,20 +17,19 @@ from typing import Any
 import torch
 
 from advtrain.attacks import bn_mode, pgd
-from advtrain.schema import pixel
+from advtrain.schema import MethodConfig, choice, pixel
 from advtrain.methods.base import Method, copy_weights, cross_entropy_update
 
 
 class FGSMRS(Method):
-    name = "fgsm_rs"
 
     @dataclass
-    class Config:
-        name: str = "fgsm_rs"
+    class Config(MethodConfig):
         eps: Any = pixel()
         alpha_factor: float = 1.25   # FGSM step = alpha_factor * eps
-        start: str = "uniform_raw"   # uniform_raw (Wong's MNIST code: start not clamped to [0,1]) | uniform (CIFAR code)
-        bn: str = "train"            # the reference attacks in train mode
+        # uniform_raw: Wong's MNIST code (the start not clamped to [0,1]); uniform: their CIFAR code
+        start: str = choice("uniform", "uniform_raw", "none", default="uniform_raw")
+        bn: str = choice("eval", "train", "keep", default="train")  # the reference attacks in train mode
         guard: bool = True           # catastrophic-overfitting guard
         guard_n: int = 512           # examples in the fixed training minibatch
         guard_steps: int = 5

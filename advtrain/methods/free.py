@@ -16,17 +16,15 @@ from typing import Any
 
 import torch
 
-from advtrain.schema import pixel
+from advtrain.schema import MethodConfig, pixel
 from advtrain.methods.base import Method
 from advtrain.methods.replay import carried_buffer, replay
 
 
 class FreeAT(Method):
-    name = "free"
 
     @dataclass
-    class Config:
-        name: str = "free"
+    class Config(MethodConfig):
         eps: Any = pixel()
         replays: int = 8             # m: updates per minibatch
         step: Any = pixel(None)      # delta step per replay; None = eps, as in the paper

@@ -3,4 +3,4 @@ from advtrain.methods.base import Method
 
 
 class Natural(Method):
-    name = "natural"
+    pass

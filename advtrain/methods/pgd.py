@@ -8,22 +8,20 @@ Cost: steps + 1 passes per example. steps_schedule=magnitude grows K during trai
 from dataclasses import dataclass
 from typing import Any
 
-from advtrain.schema import pixel
+from advtrain.schema import MethodConfig, choice, pixel
 from advtrain.methods.base import StepsMethod, cross_entropy_update
 
 
 class PGDAT(StepsMethod):
-    name = "pgd"
 
     @dataclass
-    class Config:
-        name: str = "pgd"
+    class Config(MethodConfig):
         eps: Any = pixel()           # L-inf radius, [0,1] pixel units
         alpha: Any = pixel()         # step size, pixel units
         steps: int = 10              # K attack steps per batch; under steps_schedule=magnitude the most K grows to
-        start: str = "uniform"       # uniform | none
-        bn: str = "eval"             # BN mode while attacking: eval | train
-        steps_schedule: str = "none" # none | magnitude (M+: K = 0, 1, ... grows by G, up to steps)
+        start: str = choice("uniform", "uniform_raw", "none")
+        bn: str = choice("eval", "train", "keep")  # BN mode while attacking
+        steps_schedule: str = choice("none", "magnitude")  # magnitude: M+, K = 0, 1, ... grows by G, up to steps
         gamma: float = 1.01          # steps_schedule=magnitude: threshold = gamma * G of the last increase
 
     def train_step(self, batch, ctx):

@@ -18,24 +18,22 @@ import torch
 from torch.nn import functional as F
 
 from advtrain.attacks import bn_mode
-from advtrain.schema import pixel
+from advtrain.schema import MethodConfig, choice, pixel
 from advtrain.methods.base import StepsMethod, accuracy, cross_entropy_update
 
 
 class TRADES(StepsMethod):
-    name = "trades"
 
     @dataclass
-    class Config:
-        name: str = "trades"
+    class Config(MethodConfig):
         eps: Any = pixel()
         alpha: Any = pixel()         # eta, the attack step size
         steps: int = 10              # K; under steps_schedule=magnitude the most K grows to
         beta: float = 6.0            # weight of the robustness (KL) term
         init_std: float = 0.001      # std of the Gaussian start, pixel units
-        bn: str = "eval"
-        forward: str = "auto"        # auto | separate | joint: the update's forward(s), see above
-        steps_schedule: str = "none" # none | magnitude (M+: K = 0, 1, ... grows by G, up to steps)
+        bn: str = choice("eval", "train", "keep")
+        forward: str = choice("auto", "separate", "joint")  # the update's forward(s), see above
+        steps_schedule: str = choice("none", "magnitude")  # magnitude: M+, K = 0, 1, ... grows by G, up to steps
         gamma: float = 1.01          # steps_schedule=magnitude: threshold = gamma * G of the last increase
 
     def setup(self, ctx):

@@ -1,4 +1,4 @@
-"""The one attack engine: PGD (and FGSM as its one-step case) for training methods and evaluation alike.
+"""Projected gradient attacks, one implementation for training and evaluation: PGD, and FGSM as its one step.
 
     pgd(model, x, y, eps=8/255, alpha=2/255, steps=10)                       # PGD-AT (Madry et al.)
     pgd(model, x, y, eps=8/255, alpha=10/255, steps=1)                       # FGSM-RS (Wong et al.), alpha=1.25 eps
