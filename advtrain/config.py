@@ -156,7 +156,10 @@ def _check_method(section: Any) -> dict:
         cls = method_class(section if isinstance(section, dict) else {"name": section})
     except UnknownMethod as e:
         raise ConfigError(str(e)) from None
-    return _check_section(section, cls.Config, "method")
+    out = _check_section(section, cls.Config, "method")
+    if out.get("_target_") is None:  # only a method outside advtrain names its class: the others' sections (and
+        out.pop("_target_", None)    # the checkpoints a run resumes from) stay as they were
+    return out
 
 
 def _check_attacks(section: Any) -> dict:

@@ -58,9 +58,9 @@ class Method:
             self.cfg = self._full_cfg
             return
         full = self._full_cfg
-        scaled = {f.name: getattr(full, f.name) for f in fields(self.Config)}
+        scaled = {f.name: getattr(full, f.name) for f in fields(self.Config) if f.name in full}
         for f in fields(self.Config):
-            if f.metadata.get("pixel") and scaled[f.name] is not None:
+            if f.metadata.get("pixel") and scaled.get(f.name) is not None:
                 scaled[f.name] = scaled[f.name] * factor
         self.cfg = SimpleNamespace(**scaled)
 
