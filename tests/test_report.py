@@ -139,7 +139,7 @@ def test_wandb_offline_run_holds_the_table_and_plot(sweep, tmp_path, capsys, mon
     assert logged["report/_type"] == "table-file" and logged["report/nrows"] == 4
     assert logged["autoattack_vs_train_time/_type"] == "image-file"
     table = json.loads((run_files[0].parent / "files" / logged["report/path"]).read_text())
-    assert table["columns"][:6] == ["method", "dataset", "arch", "setting", "runs", "clean_mean_pct"]
+    assert table["columns"][:5] == ["method", "dataset", "arch", "runs", "clean_mean_pct"]
     assert [row[0] for row in table["data"]] == ["fgsm_rs", "pgd", "natural", "trades"]
 
 

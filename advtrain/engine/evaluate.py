@@ -1,83 +1,92 @@
 """Evaluation: clean accuracy plus every attack of the suite, on the first n examples of an evaluation set.
 
-Evaluation runs in fp32 with BN in eval mode (the attack engine sees to it), so the numbers describe the deployed
+Evaluation runs in fp32 with BN in eval mode (the attack code sees to it), so the numbers describe the deployed
 model. An example counts as robust under an attack only if it is also classified correctly without one, as AutoAttack
-and RobustBench count it. Methods whose model has several settings (OAT's lambda) are evaluated in each of them;
-their metric names carry the view's suffix. With several ranks each evaluates its contiguous share of the n examples
-(AutoAttack included) and the counts are summed over ranks: every rank returns the same, global numbers.
+and RobustBench count it. A method whose model has several settings (OAT's lambda) is evaluated in each of its views,
+each a plain model (`advtrain.models.bind`) that the attacks see like any other. With several ranks each evaluates
+its contiguous share of the n examples (AutoAttack included) and the counts are summed over ranks: every rank returns
+the same, global numbers.
 """
 from __future__ import annotations
 
 import time
-from contextlib import nullcontext
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from advtrain.attacks import build_attack
 from advtrain.engine.distributed import SINGLE, Dist
+from advtrain.methods.base import View
+from advtrain.models import bind
+
+PLAIN = (View(""),)
 
 
 def evaluate(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n: int | None, batch_size: int,
-             seed: int = 0, views: Iterable = (("", nullcontext()),),
-             on_progress: Callable[[str], None] | None = None, dist: Dist = SINGLE,
+             seed: int = 0, on_progress: Callable[[str], None] | None = None, dist: Dist = SINGLE,
              warnings: list[str] | None = None) -> dict:
-    """`seed` seeds the attacks' random starts on a forked RNG: the numbers repeat, and the caller's stream (training
-    after a periodic evaluation) goes on as if no evaluation had run.
+    """The plain model's scores: {"n", "clean", <attack>: accuracy, ...} (see evaluate_views)."""
+    return evaluate_views(model, evalset, suite, n=n, batch_size=batch_size, seed=seed, on_progress=on_progress,
+                          dist=dist, warnings=warnings)[""]
 
-    An attack made of several (AutoAttack) also reports the accuracy after each of its parts, as "<name>/<part>"
-    (e.g. "autoattack/square"); the reliability warnings they raise are added, once each and from every rank, to
-    `warnings`."""
+
+def evaluate_views(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n: int | None, batch_size: int,
+                   seed: int = 0, views: Sequence[View] = PLAIN, on_progress: Callable[[str], None] | None = None,
+                   dist: Dist = SINGLE, warnings: list[str] | None = None) -> dict[str, dict]:
+    """view name -> {"n", "clean", <attack>: accuracy, ...}.
+
+    `seed` seeds the attacks' random starts on a forked RNG: the numbers repeat, and the caller's stream (training
+    after a periodic evaluation) goes on as if no evaluation had run. An attack made of several (AutoAttack) also
+    reports the accuracy after each of its parts, as "<name>/<part>" (e.g. "autoattack/square"); the reliability
+    warnings they raise are added, once each and from every rank, to `warnings`."""
     attacks = {name: build_attack(name, spec) for name, spec in suite.items()}
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    with torch.random.fork_rng([device] if device.type == "cuda" else []):
-        torch.manual_seed(seed)
-        found: list[str] = []
-        scores = _evaluate(model, evalset, attacks, n, batch_size, views, on_progress, dist, was_training, found)
+    found: list[str] = []
+    try:
+        with torch.random.fork_rng([device] if device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            scores = {view.name: _evaluate(bind(model, view.cond), view.name, evalset, attacks, n, batch_size,
+                                           on_progress, dist, found) for view in views}
+    finally:
+        model.train(was_training)
     if warnings is not None:
         for rank_found in dist.gather(found):
             warnings.extend(w for w in rank_found if w not in warnings)
     return scores
 
 
-def _evaluate(model, evalset, attacks, n, batch_size, views, on_progress, dist, was_training, found) -> dict:
-    results: dict = {}
-    total = 0
+def _evaluate(model, view: str, evalset, attacks, n, batch_size, on_progress, dist, found) -> dict:
     parts = {name: getattr(attack, "attack_names", []) for name, attack in attacks.items()}
-    try:
-        for suffix, view in views:
-            with view:
-                # Every key exists on every rank from the start: the counts are summed over ranks by position.
-                counts = {"clean": 0, **{name: 0 for name in attacks},
-                          **{f"{name}/{part}": 0 for name in attacks for part in parts[name]}}
-                total = 0
-                start = time.perf_counter()
-                for x, y in evalset.batches(batch_size, n, dist.rank, dist.world_size):
-                    with torch.no_grad():
-                        clean = model(x).argmax(1) == y
-                    counts["clean"] += int(clean.sum())
-                    for name, attack in attacks.items():
-                        counts[name] += int((attack(model, x, y) & clean).sum())
-                        for part, robust in getattr(attack, "robust_after", {}).items():
-                            counts[f"{name}/{part}"] += robust
-                        found.extend(w for w in getattr(attack, "warnings", ()) if w not in found)
-                    total += len(y)
-                    if on_progress:
-                        accs = ", ".join(f"{k} {v / total:.4f}" for k, v in counts.items() if "/" not in k)
-                        shard = f" (rank 0 of {dist.world_size})" if dist.enabled else ""
-                        on_progress(f"eval{suffix}: {total} examples{shard}, {accs} "
-                                    f"({time.perf_counter() - start:.0f} s)")
-                *summed, total = dist.sum([*counts.values(), total])
-                counts = dict(zip(counts, summed))
-                total = int(total)
-                for name, count in counts.items():
-                    results[f"{name}{suffix}"] = count / max(total, 1)
-    finally:
-        model.train(was_training)
-    return {"n": total, **results}
+    # Every key exists on every rank from the start: the counts are summed over ranks by position.
+    counts = {"clean": 0, **{name: 0 for name in attacks},
+              **{f"{name}/{part}": 0 for name in attacks for part in parts[name]}}
+    total = 0
+    start = time.perf_counter()
+    for x, y in evalset.batches(batch_size, n, dist.rank, dist.world_size):
+        with torch.no_grad():
+            clean = model(x).argmax(1) == y
+        counts["clean"] += int(clean.sum())
+        for name, attack in attacks.items():
+            counts[name] += int((attack(model, x, y) & clean).sum())
+            for part, robust in getattr(attack, "robust_after", {}).items():
+                counts[f"{name}/{part}"] += robust
+            found.extend(w for w in getattr(attack, "warnings", ()) if w not in found)
+        total += len(y)
+        if on_progress:
+            accs = ", ".join(f"{k} {v / total:.4f}" for k, v in counts.items() if "/" not in k)
+            shard = f" (rank 0 of {dist.world_size})" if dist.enabled else ""
+            label = f"eval {view}" if view else "eval"
+            on_progress(f"{label}: {total} examples{shard}, {accs} ({time.perf_counter() - start:.0f} s)")
+    *summed, total = dist.sum([*counts.values(), total])
+    return {"n": int(total), **{name: count / max(total, 1) for name, count in zip(counts, summed)}}
+
+
+def flat(scores: Mapping[str, Mapping]) -> dict:
+    """One view's scores as metric -> value, a named view's keys prefixed "<view>/" (for logging)."""
+    return {(f"{view}/{k}" if view else k): v for view, s in scores.items() for k, v in s.items()}
 
 
 def periodic_suite(suite: Mapping[str, Mapping]) -> dict:

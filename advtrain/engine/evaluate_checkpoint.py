@@ -11,7 +11,7 @@ from advtrain.schema import DatasetConfig, EvalConfig, TrainerConfig
 from advtrain.data import build_data
 from advtrain.engine.checkpoint import load_checkpoint
 from advtrain.engine.network import model_from_checkpoint
-from advtrain.engine.evaluate import evaluate
+from advtrain.engine.evaluate import evaluate_views
 from advtrain.engine.loop import LoopState
 from advtrain.engine.precision import resolve_runtime
 from advtrain.engine.results import build_results, write_results
@@ -39,9 +39,9 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     con.console.print(f"evaluating {cfg.checkpoint} on {checked.eval.n or data.test.n_examples} test examples: "
                       f"clean, {', '.join(suite) or 'no attacks'}")
     warnings: list[str] = []
-    scores = evaluate(model, data.test, suite, n=checked.eval.n, batch_size=checked.eval.batch_size,
-                      seed=checked.eval.seed, views=method.eval_views(model), warnings=warnings,
-                      on_progress=lambda line: con.console.print(line, markup=False))
+    scores = evaluate_views(model, data.test, suite, n=checked.eval.n, batch_size=checked.eval.batch_size,
+                            seed=checked.eval.seed, views=method.eval_views(), warnings=warnings,
+                            on_progress=lambda line: con.console.print(line, markup=False))
     loop = LoopState(**state["loop"])
     record = OmegaConf.merge(saved, {"dataset": checked.dataset, "attack": checked.attack, "eval": checked.eval})
     results = build_results(record, loop, float(state["counter"]["total"]), data.train.n_examples, scores, rt,

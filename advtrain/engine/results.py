@@ -40,8 +40,12 @@ def device_name(device: torch.device) -> str:
 
 def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, checkpoint: str,
                   world_size: int = 1, kind: str = "train", warnings: list[str] = ()) -> dict[str, Any]:
-    """`passes`: example-passes spent in training, summed over all ranks. `kind`: "train" for a training run's own
-    record, "eval" for advtrain-eval's evaluation of a checkpoint (advtrain-report never counts one as a run)."""
+    """`passes`: example-passes spent in training, summed over all ranks. `scores`: view name -> scores (one
+    unnamed view for most methods). `kind`: "train" for a training run's own record, "eval" for advtrain-eval's
+    evaluation of a checkpoint (advtrain-report never counts one as a run).
+
+    "eval" holds the (first) view's scores, as scripts read them; a method with named views (OAT's lambdas) also gets
+    "views": {name: scores}."""
     from omegaconf import OmegaConf
 
     examples = n_train * max(state.epoch, 1)
@@ -52,7 +56,8 @@ def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, che
         "train_time_s": state.train_time_s, "epoch_times_s": list(state.epoch_times_s),
         "images_per_s": examples / max(state.train_time_s, 1e-9),
         "passes_per_example": passes / examples,
-        "eval": scores, "stop_reason": state.stop_reason,
+        "eval": next(iter(scores.values())), "stop_reason": state.stop_reason,
+        **({"views": dict(scores)} if list(scores) != [""] else {}),
         # The evaluation's own doubts (AutoAttack's reliability checks): a number to read with care.
         "eval_warnings": list(warnings),
         "device": device_name(rt.device), "world_size": world_size, "precision": rt.precision,

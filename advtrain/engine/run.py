@@ -20,13 +20,14 @@ from advtrain.engine.atomic import is_disk_full, remove_stale_temps
 from advtrain.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from advtrain.engine.context import TrainContext
 from advtrain.engine.distributed import SINGLE, Dist, rank_seed
-from advtrain.engine.evaluate import evaluate, periodic_suite
+from advtrain.engine.evaluate import evaluate_views, flat, periodic_suite
 from advtrain.engine.loop import LoopState, run_epochs
-from advtrain.engine.network import build_network, model_spec
+from advtrain.engine.network import build_network, model_from_checkpoint, model_spec
 from advtrain.engine.optim import build_optimizer
 from advtrain.engine.precision import Runtime, resolve_runtime, rng_state, seed_everything, set_rng_state
 from advtrain.engine.results import attack_suite, build_results, eval_settings, write_results
 from advtrain.engine.signals import stop_at_once
+from advtrain.errors import ConfigError
 from advtrain.attacks import PassCounter
 from advtrain.logging import console as con
 from advtrain.logging.wandb_logger import NullLogger, build_logger
@@ -98,6 +99,8 @@ def _train(cfg, run_dir: Path, dist: Dist, device_index: int, stops, last: LastC
                 "counter": {"total": sum(r["counter"]["total"] for r in ranks)}, "updates": ctx.updates,
                 "loop": vars(loop_state).copy(), "config": config_yaml, "model_spec": spec,
                 "world_size": dist.world_size, "ranks": ranks if dist.enabled else None,
+                # Where the frozen companion models came from; they are the method's inputs, not its state.
+                "companions": dict(method.companions()),
             }
             with _reporting_full_disk(path, last):
                 save_checkpoint(checkpoint, path)
@@ -111,16 +114,17 @@ def _train(cfg, run_dir: Path, dist: Dist, device_index: int, stops, last: LastC
 
     def periodic_eval() -> dict:
         sync_buffers(model, dist)
-        scores = evaluate(ctx.attack_model, monitor_set, periodic_suite(suite), n=cfg.eval.every_n,
-                          batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, views=method.eval_views(model),
-                          dist=dist)
-        # Model selection on the held-out split only (never on the test set): keep the most robust weights.
+        scores = evaluate_views(ctx.attack_model, monitor_set, periodic_suite(suite), n=cfg.eval.every_n,
+                                batch_size=cfg.eval.batch_size, seed=cfg.eval.seed, views=method.eval_views(),
+                                dist=dist)
+        # Model selection on the held-out split only (never on the test set): keep the most robust weights, by the
+        # number the method says matters (its first view's first attack unless it says otherwise).
         if data.val is not None:
-            score = scores[next((k for k in scores if k not in ("n", "clean")), "clean")]
+            score = method.select_score(scores)
             if state.best_val_score is None or score > state.best_val_score:
                 state.best_val_score = score
                 save(state, ckpt_path.with_name("best.pt"))
-        return scores
+        return flat(scores)
 
     logger = build_logger(cfg.logger, OmegaConf.to_container(cfg), run_dir) if dist.is_main else NullLogger()
     exit_code = 1
@@ -142,18 +146,20 @@ def _train(cfg, run_dir: Path, dist: Dist, device_index: int, stops, last: LastC
                           f"clean, {', '.join(suite) or 'no attacks'}")
         sync_buffers(model, dist)
         warnings: list[str] = []
-        scores = evaluate(model, data.test, suite, n=cfg.eval.n, batch_size=cfg.eval.batch_size, seed=cfg.eval.seed,
-                          views=method.eval_views(model), dist=dist, warnings=warnings,
-                          on_progress=lambda line: con.console.print(line, markup=False))
+        scores = evaluate_views(model, data.test, suite, n=cfg.eval.n, batch_size=cfg.eval.batch_size,
+                                seed=cfg.eval.seed, views=method.eval_views(), dist=dist, warnings=warnings,
+                                on_progress=lambda line: con.console.print(line, markup=False))
         (passes,) = dist.sum([counter.total])
         results = build_results(cfg, state, passes, data.train.n_examples, scores, rt,
                                 checkpoint=str(ckpt_path), world_size=dist.world_size, warnings=warnings)
         if dist.is_main:
             with _reporting_full_disk(results_path, last):
                 write_results(results, results_path)
-        logger.log({**{f"eval/{k}": v for k, v in scores.items() if k != "n"}, "train_time_s": state.train_time_s})
+        logged = flat(scores)
+        logger.log({**{f"eval/{k}": v for k, v in logged.items() if k.rpartition("/")[2] != "n"},
+                    "train_time_s": state.train_time_s})
         logger.summary({"train_time_s": state.train_time_s, "passes_per_example": results["passes_per_example"],
-                        **{f"final/{k}": v for k, v in scores.items()}})
+                        **{f"final/{k}": v for k, v in logged.items()}})
         con.print_results(results)
         con.console.print(f"results: {results_path}")
         exit_code = 0
@@ -183,12 +189,17 @@ class Parts:
     spec: dict                        # what load_model needs to rebuild the network
     model: nn.Module                  # the plain module (channels_last / SyncBN applied)
     optimizer: torch.optim.Optimizer
+    companions: dict                  # name -> the frozen models the method needs (never trained, never saved)
 
 
 def build_parts(cfg, rt: Runtime, dist: Dist = SINGLE) -> Parts:
     data = build_data(cfg.dataset, device=rt.device, seed=cfg.seed, batch_size=cfg.trainer.batch_size,
                       rank=dist.rank, world_size=dist.world_size)
     method = build_method(cfg.method, data.info)
+    if cfg.trainer.compile and not method.compilable:
+        raise ConfigError(f"method={cfg.method.name} cannot run under torch.compile (its training step changes the "
+                          "model in ways a compiled graph would not follow): leave trainer.compile=false")
+    companions = {name: load_companion(name, path, rt.device) for name, path in method.companions().items()}
     spec = model_spec(cfg, data.info)
     model = build_network(spec, method).to(rt.device)
     if dist.enabled and cfg.trainer.sync_bn:
@@ -196,7 +207,16 @@ def build_parts(cfg, rt: Runtime, dist: Dist = SINGLE) -> Parts:
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model.parameters())
-    return Parts(rt, data, method, spec, model, optimizer)
+    return Parts(rt, data, method, spec, model, optimizer, companions)
+
+
+def load_companion(name: str, path: str, device: torch.device) -> nn.Module:
+    """A frozen model from an advtrain checkpoint (weights_only): on the device, in eval mode, without gradients."""
+    try:
+        _, model = model_from_checkpoint(load_checkpoint(path))
+    except CheckpointError as e:
+        raise CheckpointError(f"the method's {name} model: {e}") from None
+    return model.to(device).eval().requires_grad_(False)
 
 
 def build_context(cfg, parts: Parts, counter: PassCounter, dist: Dist = SINGLE) -> TrainContext:
@@ -211,11 +231,13 @@ def build_context(cfg, parts: Parts, counter: PassCounter, dist: Dist = SINGLE) 
 
     attack_model = update_model = compiled(model)
     if dist.enabled:
-        ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+        ddp = DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None,
+                                      find_unused_parameters=parts.method.find_unused_parameters)
         update_model = compiled(ddp)
     return TrainContext(model=update_model, attack_model=attack_model, optimizer=parts.optimizer, scaler=rt.scaler,
                         counter=counter, device=rt.device, autocast=rt.autocast, epochs=cfg.trainer.epochs,
-                        batches_per_epoch=len(parts.data.train), fixed_batch=parts.data.train.fixed_batch, dist=dist)
+                        batches_per_epoch=len(parts.data.train), fixed_batch=parts.data.train.fixed_batch, dist=dist,
+                        companions=parts.companions)
 
 
 def _evaluated(results_path: Path, cfg) -> bool:

@@ -30,8 +30,10 @@ def print_results(results: Mapping) -> None:
     table = Table(title=f"{results['method']} on {results['dataset']} ({results['arch']})")
     table.add_column("metric")
     table.add_column("value", justify="right")
-    for name, value in results["eval"].items():
-        table.add_row(name if name == "n" else f"{name} accuracy", f"{value}" if name == "n" else f"{value:.4f}")
+    for view, scores in results.get("views", {"": results["eval"]}).items():
+        for name, value in scores.items():
+            label = name if name == "n" else f"{name} accuracy"
+            table.add_row(f"{view}: {label}" if view else label, f"{value}" if name == "n" else f"{value:.4f}")
     table.add_row("train time", f"{results['train_time_s']:.1f} s")
     table.add_row("images / s", f"{results['images_per_s']:.1f}")
     table.add_row("passes / example", f"{results['passes_per_example']:.2f}")

@@ -1,23 +1,32 @@
 """The training-method plug-in interface.
 
 A method says how one minibatch becomes weight updates; the shared loop (advtrain.engine.loop) owns everything
-else: data, precision, LR, timing, checkpoints, logging. The hooks cover the shapes the methods take:
+else: data, precision, LR, timing, checkpoints, logging. The contract covers the shapes the methods take:
 
-- most methods attack, then update once (PGD-AT, FGSM-RS, TRADES, RAT, GAAT): `train_step` calls `ctx.update` once;
+- most methods attack, then update once (PGD-AT, FGSM-RS, TRADES, GAAT): `train_step` calls `ctx.update` once;
 - replay methods update several times per minibatch, reusing the update's own backward for the attack (FREE, DEAT):
   `ctx.update(loss, inputs=(delta,))` returns the unscaled input gradients of that same pass;
+- several forwards and backwards per optimizer step (OATS' widths): `ctx.backward(loss, last=False)` for all but
+  the last (DDP skips their all-reduce), `ctx.backward(loss)`, then `ctx.step()`; a narrower pass counts as a
+  fraction of one (`ctx.counter.add(n, passes=0.5)`);
+- features from the update's own forward (RRM, RAT): `ctx.model(x, features=True)` gives (logits, features),
+  through DDP and torch.compile;
+- conditioned models (OAT's lambda): `wrap_model` puts `advtrain.models.Conditional` blocks in, `ctx.model(x,
+  cond=c)` conditions a forward, and `advtrain.models.bind(model, c)` is the plain model attacks run on;
 - schedule-driven methods change their attack between epochs (DEAT's magnitude rule): `epoch_end` returns the
   values to log and may change the method's state, which `state_dict` carries into checkpoints;
-- methods that change the model (OAT's conditioning, RRM's projection) do it in `wrap_model`, before the optimizer
-  sees the parameters; methods that need a second, frozen model (RRM's teacher) load it in `setup`;
-- methods whose model has several evaluation settings (OAT's lambda) list them in `eval_views`.
+- frozen companion models (RRM's teacher): `companions()` names advtrain checkpoints; the engine loads them safely,
+  on the device, in eval mode without gradients, outside DDP, the optimizer and checkpoints, as `ctx.companions`;
+- requirements the engine honours: `find_unused_parameters` (some steps leave parameters unused: DDP must know),
+  `compilable` (False: trainer.compile=true is refused in one line rather than giving wrong gradients);
+- several evaluation settings of one model (OAT's lambda): `eval_views()` lists them as data, `select_score` says
+  which number model selection keeps the best of.
 """
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass, fields
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, ContextManager, Iterator
+from typing import TYPE_CHECKING, Any, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -32,11 +41,21 @@ if TYPE_CHECKING:
     from advtrain.methods.context import MethodContext
 
 
+@dataclass(frozen=True)
+class View:
+    """One setting a trained model is evaluated in: a name (metric names and results.json's "views" use it) and the
+    condition that gives it (None: the plain model)."""
+    name: str
+    cond: Any = None
+
+
 class Method:
     """Base class: natural training. Subclasses override `train_step` and whichever hooks they need, and declare
     their settings in a nested `Config(MethodConfig)` dataclass that mirrors their YAML."""
 
     Config = MethodConfig
+    find_unused_parameters: bool = False  # some training steps leave parameters without a gradient (DDP must know)
+    compilable: bool = True               # False: the method cannot run under torch.compile (refused in one line)
 
     def __init__(self, cfg: Any, info: DatasetInfo):
         self.cfg = cfg
@@ -68,6 +87,10 @@ class Method:
         """Change the model once, when it is built (before the optimizer and checkpoint loading)."""
         return model
 
+    def companions(self) -> dict[str, str]:
+        """Frozen models this method needs: name -> path of an advtrain checkpoint (given as ctx.companions[name])."""
+        return {}
+
     def setup(self, ctx: MethodContext) -> None:
         """Called once before training, after the model is on its device and any checkpoint is loaded."""
 
@@ -86,9 +109,15 @@ class Method:
         """Called after each epoch with its averaged metrics; returns extra per-epoch values to log."""
         return {}
 
-    def eval_views(self, model: nn.Module) -> Iterator[tuple[str, ContextManager]]:
-        """The settings a trained model is evaluated in: (suffix for metric names, context that applies it)."""
-        yield "", nullcontext()
+    def eval_views(self) -> list[View]:
+        """The settings a trained model is evaluated in; one unnamed view (the plain model) for most methods."""
+        return [View("")]
+
+    def select_score(self, scores: Mapping[str, Mapping[str, float]]) -> float:
+        """The number model selection (best.pt) keeps the highest of, from a periodic evaluation's scores per view:
+        by default the first view's first attack (its clean accuracy without attacks)."""
+        first = next(iter(scores.values()))
+        return first[next((k for k in first if k not in ("n", "clean")), "clean")]
 
     def state_dict(self) -> dict[str, Any]:
         """State carried in checkpoints: tensors, numbers, strings and containers of them only."""

@@ -36,10 +36,15 @@ class MethodContext(Protocol):
     updates: int
     dist: Ranks
     fixed_batch: Callable[[int], tuple[Tensor, Tensor]] | None  # the first n training examples, unaugmented
+    companions: dict[str, nn.Module]  # the frozen models the method named in companions(), ready on the device
 
     @property
     def progress(self) -> float: ...  # fraction of training done at the start of the current batch
 
-    def update(self, loss: Tensor, inputs: Sequence[Tensor] = ()) -> list[Tensor]: ...
+    def update(self, loss: Tensor, inputs: Sequence[Tensor] = ()) -> list[Tensor]: ...  # backward + step
+
+    def backward(self, loss: Tensor, inputs: Sequence[Tensor] = (), *, last: bool = True) -> list[Tensor]: ...
+
+    def step(self) -> None: ...
 
     def request_stop(self, reason: str) -> None: ...

@@ -14,14 +14,16 @@ from functools import partial
 
 from torch import nn
 
-from .classifier import Classifier, Normalize, count_parameters, find_head, replace_modules, unwrap
+from .classifier import (Bound, Classifier, Conditional, Normalize, bind, count_parameters, find_head,
+                         replace_modules, unwrap)
 from .preact_resnet import preact_resnet
 from .resnet import resnet
 from .small_cnns import madry_cnn, mnist_net, trades_smallcnn
 from .wide_resnet import wide_resnet
 
 __all__ = [
-    "ARCHS", "Classifier", "Normalize", "build_model", "count_parameters", "find_head", "replace_modules", "unwrap",
+    "ARCHS", "Bound", "Classifier", "Conditional", "Normalize", "bind", "build_model", "count_parameters",
+    "find_head", "replace_modules", "unwrap",
 ]
 
 ARCHS: dict[str, Callable[..., tuple[nn.Module, nn.Linear]]] = {

@@ -4,12 +4,31 @@ Attacks perturb images in [0,1] pixel space, so eps and the clamp to the valid i
 the model takes raw pixels. `Classifier` therefore owns its input normalization; the split into `body` (normalized
 image -> penultimate features) and `head` (the final Linear) is what feature-level losses and head re-initialization
 need.
+
+One forward serves every method, through DDP and torch.compile alike:
+
+    logits = model(x)
+    logits, features = model(x, features=True)      # the penultimate features of the same forward (RRM, RAT)
+    logits = model(x, cond=lam)                     # a conditioned model (OAT's per-example lambda)
+
+A condition reaches the building blocks that read it (`Conditional` modules a method put in with `replace_modules`)
+for the length of one forward. `bind(model, cond)` fixes it, giving the plain x -> logits module that attacks,
+evaluation views and external attack libraries take.
 """
 
 from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+
+
+class Conditional(nn.Module):
+    """A building block that reads the condition of the current forward (`self.condition`: per-example, or None
+    when the model runs unconditioned). Classifier sets it; the block must not keep it."""
+
+    condition: Any = None
 
 
 class Normalize(nn.Module):
@@ -54,14 +73,52 @@ class Classifier(nn.Module):
     def num_classes(self) -> int:
         return self.head.out_features
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
-        return self.body(self.normalize(x))
+    def features(self, x: torch.Tensor, cond: Any = None) -> torch.Tensor:
+        with self._conditioned(cond):
+            return self.body(self.normalize(x))
 
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}"
 
+    def forward(self, x: torch.Tensor, *, cond: Any = None, features: bool = False):
+        """logits, or (logits, penultimate features) with features=True; `cond` conditions the forward."""
+        feats = self.features(x, cond)
+        logits = self.head(feats)
+        return (logits, feats) if features else logits
+
+    @contextmanager
+    def _conditioned(self, cond: Any):
+        blocks = [m for m in self.body.modules() if isinstance(m, Conditional)] if cond is not None else ()
+        for block in blocks:
+            block.condition = cond
+        try:
+            yield
+        finally:
+            for block in blocks:
+                block.condition = None
+
+
+class Bound(nn.Module):
+    """A conditioned model fixed to one condition: x -> logits, as attacks and attack libraries expect. A number is
+    broadcast to every example of whatever batch comes (AutoAttack sends sub-batches); a per-example tensor must
+    match the batch."""
+
+    def __init__(self, model: nn.Module, cond: Any):
+        super().__init__()
+        self.model, self.cond = model, cond
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x))
+        cond = self.cond
+        if isinstance(cond, (int, float)):
+            cond = torch.full((len(x),), float(cond), device=x.device)
+        elif torch.is_tensor(cond) and cond.ndim > 0 and len(cond) != len(x):
+            raise ValueError(f"a condition for {len(cond)} examples cannot condition a batch of {len(x)}")
+        return self.model(x, cond=cond)
+
+
+def bind(model: nn.Module, cond: Any) -> nn.Module:
+    """`model` with its condition fixed (the model itself where `cond` is None)."""
+    return model if cond is None else Bound(model, cond)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -20,10 +20,11 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from advtrain.report.table import (aggregate, collect, csv_columns, csv_values, default_metric, display_cells,
-                                   display_columns, evaluation_cells, evaluation_columns, is_evaluation,
-                                   metric_names, write_csv, write_markdown)
+                                   display_columns, evaluation_cells, evaluation_columns, expand_views,
+                                   is_evaluation, metric_names, write_csv, write_markdown)
 
 PROG = "advtrain-report"
 
@@ -44,7 +45,7 @@ def print_table(columns: list[str], cells: list[list[str]], title: str, left: in
     for i, name in enumerate(columns):
         table.add_column(name, justify="left" if i < left else "right")
     for row in cells:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # cells are data: "pgd [lambda=0.1]" is no markup
     if not console.is_terminal:  # logs and pipes: never wrap or squeeze cells, whatever the table's width
         unwrapped = console.measure(table, options=console.options.update_width(10**4)).maximum
         console.width = max(console.width, unwrapped)
@@ -97,15 +98,16 @@ def main(argv: list[str]) -> None:
         fail(f"--metric {metric} is not in these runs; choose one of: {', '.join(metrics)}")
     args.out = args.out or (args.path.parent if args.path.is_file() else args.path)
 
-    from advtrain.report.plot import write_png  # matplotlib only when there is something to plot
+    from advtrain.report.plot import write_png, write_tradeoff_png  # matplotlib only when there is a plot
 
-    evaluations = [run for run in runs if is_evaluation(run)]
-    runs = [run for run in runs if not is_evaluation(run)]
+    evaluations = expand_views([run for run in runs if is_evaluation(run)])
+    trained = [run for run in runs if not is_evaluation(run)]
+    runs = expand_views(trained)
     rows = aggregate(runs, metrics)
     if runs:
         columns = display_columns(metrics, rows)
         print_table(columns, [display_cells(row, metrics, rows) for row in rows],
-                    f"{len(runs)} run{'s' * (len(runs) != 1)} under {args.path}", left=columns.index("runs"))
+                    f"{len(trained)} run{'s' * (len(trained) != 1)} under {args.path}", left=columns.index("runs"))
     if evaluations:
         print_table(evaluation_columns(metrics), [evaluation_cells(run, metrics) for run in evaluations],
                     f"{len(evaluations)} evaluation{'s' * (len(evaluations) != 1)} of checkpoints (advtrain-eval)",
@@ -117,6 +119,9 @@ def main(argv: list[str]) -> None:
         write_markdown(rows, metrics, args.out / "report.md", evaluations)
         if runs:
             write_png(runs, metric, args.out / "report.png")
+        if any(row.view for row in rows):
+            write_tradeoff_png(rows, metric, args.out / "report_views.png")
+            written.append("report_views.png")
     except OSError as e:
         fail(f"cannot write the report into {args.out}: {e}")
     print(f"wrote {', '.join(written)}{f' ({metric} vs training time)' if runs else ''} to {args.out}")

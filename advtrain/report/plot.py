@@ -58,3 +58,28 @@ def y_limits(values_pct: list[float], min_span: float = 10.0) -> tuple[float, fl
     if hi > 100:
         lo, hi = max(0.0, lo - (hi - 100)), 100.0
     return lo, hi
+
+
+def write_tradeoff_png(rows, metric: str, path: Path) -> None:
+    """report_views.png: for each method evaluated in several views (OAT's lambdas), clean against `metric` accuracy
+    per view, joined in view order: the trade-off one model offers at test time."""
+    families: dict = {}
+    for row in rows:
+        if row.view and row.acc_pct.get(metric, (None,))[0] is not None:
+            families.setdefault((row.method, row.dataset, row.arch, row.differs), []).append(row)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=150)
+    for i, ((method, dataset, arch, differs), family) in enumerate(sorted(families.items())):
+        xs = [r.acc_pct["clean"][0] for r in family]
+        ys = [r.acc_pct[metric][0] for r in family]
+        label = f"{method} ({dataset} / {arch}{', ' + differs if differs else ''})"
+        ax.plot(xs, ys, marker="o", color=plt.cm.tab10(i % 10), label=label)
+        for r, x, y in zip(family, xs, ys):
+            ax.annotate(r.view, (x, y), xytext=(4, 3), textcoords="offset points", fontsize="x-small")
+    ax.set_xlabel("clean accuracy (%)")
+    ax.set_ylabel(f"{metric} accuracy (%)")
+    ax.set_ylim(*y_limits([r.acc_pct[metric][0] for f in families.values() for r in f]))
+    ax.set_title(f"{metric} against clean accuracy, one point per evaluation view")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
+    fig.savefig(path, bbox_inches="tight")
+    plt.close(fig)

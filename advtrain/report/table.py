@@ -78,6 +78,18 @@ def collect(root: Path) -> list[dict]:
     return runs
 
 
+def expand_views(runs: list[dict]) -> list[dict]:
+    """A run of a method with named views (OAT's lambdas) becomes one entry per view, its "eval" that view's."""
+    out = []
+    for run in runs:
+        views = run.get("views")
+        if isinstance(views, dict) and views:
+            out += [{**run, "eval": scores, "view": name} for name, scores in views.items()]
+        else:
+            out.append(run)
+    return out
+
+
 def metric_names(runs: list[dict]) -> list[str]:
     """Accuracies any run reports: clean first, then the attacks in sorted order. The accuracy after each part of a
     composite attack ("autoattack/square") is a diagnostic kept in results.json, not a column."""
@@ -101,6 +113,7 @@ class Row:
     passes_per_example: float  # forward+backward passes per training example, mean over seeds
     time_vs_pgd: float | None = field(default=None)  # train_time_s / that of the one PGD-AT row of the same setting
     differs: str = ""  # what sets this row apart from the other rows of its method, e.g. "dataset.eps=0.1"
+    view: str = ""     # the evaluation view (a method with several: OAT's lambdas), else ""
     setting: tuple = field(default=(), repr=False)
     method_settings: tuple = field(default=(), repr=False)
 
@@ -116,19 +129,19 @@ def aggregate(runs: list[dict], metrics: list[str]) -> list[Row]:
     for run in runs:
         setting, method_settings = experiment(run)
         key = (str(run["dataset"]), str(run["arch"]), str(run["method"]), tuple(sorted(setting.items())),
-               tuple(sorted(method_settings.items())))
+               tuple(sorted(method_settings.items())), str(run.get("view", "")))
         groups[key].append(run)
     rows = []
-    for (dataset, arch, method, setting, method_settings), group in sorted(groups.items()):
+    for (dataset, arch, method, setting, method_settings, view), group in sorted(groups.items()):
         acc = {m: _mean_std([100 * r["eval"][m] for r in group if r["eval"].get(m) is not None]) for m in metrics}
         rows.append(Row(method, dataset, arch, len(group), acc,
                         statistics.mean(r["train_time_s"] for r in group),
                         statistics.mean(r["passes_per_example"] for r in group),
-                        setting=setting, method_settings=method_settings))
+                        setting=setting, method_settings=method_settings, view=view))
     _name_differences(rows)
     pgd = defaultdict(list)
     for row in rows:
-        if row.method == "pgd":
+        if row.method == "pgd" and not row.view:
             pgd[(row.dataset, row.arch, row.setting)].append(row)
     for row in rows:
         same = pgd.get((row.dataset, row.arch, row.setting), [])
@@ -140,7 +153,7 @@ def aggregate(runs: list[dict], metrics: list[str]) -> list[Row]:
 def _name_differences(rows: list[Row]) -> None:
     families = defaultdict(list)
     for row in rows:
-        families[(row.dataset, row.arch, row.method)].append(row)
+        families[(row.dataset, row.arch, row.method, row.view)].append(row)
     for family in families.values():
         if len(family) < 2:
             continue
@@ -161,14 +174,14 @@ def _short(value: str | None) -> str:
 # Machine-readable: one column per mean and per std, accuracies in %, empty where undefined.
 def csv_columns(metrics: list[str]) -> list[str]:
     acc = [f"{m}_{stat}_pct" for m in metrics for stat in ("mean", "std")]
-    return ["method", "dataset", "arch", "setting", "runs", *acc, "train_time_s", "passes_per_example",
-            "time_vs_pgd"]
+    return ["method", "dataset", "arch", "runs", *acc, "train_time_s", "passes_per_example", "time_vs_pgd", "view",
+            "setting"]
 
 
 def csv_values(row: Row, metrics: list[str]) -> list:
     acc = [value for m in metrics for value in row.acc_pct[m]]
-    return [row.method, row.dataset, row.arch, row.differs, row.runs, *acc, row.train_time_s,
-            row.passes_per_example, row.time_vs_pgd]
+    return [row.method, row.dataset, row.arch, row.runs, *acc, row.train_time_s, row.passes_per_example,
+            row.time_vs_pgd, row.view, row.differs]
 
 
 def write_csv(rows: list[Row], metrics: list[str], path: Path) -> None:
@@ -190,7 +203,8 @@ def display_cells(row: Row, metrics: list[str], rows: list[Row]) -> list[str]:
         return "" if mean is None else f"{mean:.2f}" if std is None else f"{mean:.2f} ± {std:.2f}"
 
     setting = [row.differs] if any(r.differs for r in rows) else []
-    return [row.method, row.dataset, row.arch, *setting, str(row.runs), *[pm(*row.acc_pct[m]) for m in metrics],
+    method = f"{row.method} [{row.view}]" if row.view else row.method
+    return [method, row.dataset, row.arch, *setting, str(row.runs), *[pm(*row.acc_pct[m]) for m in metrics],
             f"{row.train_time_s:.1f}", f"{row.passes_per_example:.2f}",
             "" if row.time_vs_pgd is None else f"{row.time_vs_pgd:.2f}"]
 
@@ -201,7 +215,8 @@ def evaluation_columns(metrics: list[str]) -> list[str]:
 
 def evaluation_cells(run: dict, metrics: list[str]) -> list[str]:
     trained_in = str(Path(run["checkpoint"]).parent.parent) if run.get("checkpoint") else ""
-    return [str(run["method"]), str(run["dataset"]), str(run["arch"]), str(run["seed"]), trained_in,
+    method = f"{run['method']} [{run['view']}]" if run.get("view") else str(run["method"])
+    return [method, str(run["dataset"]), str(run["arch"]), str(run["seed"]), trained_in,
             str(run["eval"].get("n", "")),
             *["" if run["eval"].get(m) is None else f"{100 * run['eval'][m]:.2f}" for m in metrics]]
 
