@@ -1,4 +1,5 @@
-"""Shared test helpers: composing configs in-process, running the CLI in a subprocess, locating real data."""
+"""Shared test helpers: tiny configs composed and checked in-process, a method context around any model, a thread
+limit that restores itself, running the CLI in a subprocess, locating real data."""
 from __future__ import annotations
 
 import os
@@ -20,9 +21,47 @@ TINY = ["dataset=synthetic", "arch=mnist_net", "logger=none", "trainer.epochs=2"
         "dataset.n_train=512", "dataset.n_test=128", "attack=[pgd20]", "trainer.progress=lines"]
 
 
+# In-process runs on synthetic data (extend with a module's own sizes and method).
+SYNTH = ["dataset=synthetic", "arch=mnist_net", "logger=none", "trainer.progress=off", "dataset.n_test=64",
+         "attack=[]"]
+
+
 def compose_train(overrides: list[str]):
     with initialize_config_module(config_module="advtrain.conf", version_base="1.3"):
         return compose(config_name="train", overrides=overrides)
+
+
+def checked(overrides: list[str]):
+    """The composed and checked config, as `advtrain` would run it."""
+    from advtrain.config import check_config
+    from advtrain.schema import TRAIN_SECTIONS
+
+    return check_config(compose_train(overrides), TRAIN_SECTIONS)
+
+
+def make_context(model, *, batch=None, scaler=None, autocast=None, lr: float = 0.1):
+    """A TrainContext around a plain model: SGD, CPU, one epoch of one batch (`batch`: what fixed_batch returns)."""
+    import torch
+
+    from advtrain.attacks import PassCounter
+    from advtrain.engine.context import TrainContext
+
+    return TrainContext(model=model, attack_model=model, optimizer=torch.optim.SGD(model.parameters(), lr=lr),
+                        scaler=scaler, counter=PassCounter(), device=torch.device("cpu"),
+                        autocast=autocast or (lambda: torch.autocast("cpu", enabled=False)), epochs=1,
+                        batches_per_epoch=1, fixed_batch=(lambda n: batch) if batch is not None else None)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from intra-op threads, and OpenMP threads spin-waiting for a core another process
+    holds make them many times slower on a busy 2-core machine; the previous setting comes back afterwards."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 def run_cli(args: list[str], cwd: Path, program: str = "advtrain", timeout: float = 300, env=None):

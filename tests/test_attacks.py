@@ -14,14 +14,7 @@ EPS = {'linf': 8 / 255, 'l2': 0.5}      # pixel units of [0,1]
 ALPHA = {'linf': 2 / 255, 'l2': 0.125}
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine thread spin-waits made this file 15x
-    slower; the previous setting is restored for the other test files."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 thread, restored afterwards
 
 
 class SmallCNN(nn.Module):

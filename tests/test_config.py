@@ -10,7 +10,7 @@ import advtrain
 from advtrain.config import ConfigError, check_config, parse_pixel
 from advtrain.schema import TRAIN_SECTIONS
 from advtrain.engine.optim import lr_factor
-from conftest import compose_train
+from conftest import checked, compose_train
 
 CONF = Path(advtrain.__file__).parent / "conf"
 GROUPS = ["dataset", "arch", "method", "attack", "optim", "schedule", "logger"]
@@ -18,10 +18,6 @@ GROUPS = ["dataset", "arch", "method", "attack", "optim", "schedule", "logger"]
 
 def options(group: str) -> list[str]:
     return sorted(p.stem for p in (CONF / group).glob("*.yaml"))
-
-
-def checked(overrides: list[str]):
-    return check_config(compose_train(overrides), TRAIN_SECTIONS)
 
 
 @pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])

@@ -165,7 +165,7 @@ def test_offline_cifar_names_the_archive_the_absolute_folder_the_files_and_datas
         build_data(make_cfg(name="cifar10", root="data", download=True, mean=[0.5] * 3, std=[0.25] * 3),
                    device=CPU, seed=0, batch_size=8)
     message = str(info.value)
-    assert f"download cifar-10-python.tar.gz by hand from https://www.cs.toronto.edu/" in message
+    assert "download cifar-10-python.tar.gz by hand from https://www.cs.toronto.edu/" in message
     assert f"extract it in {tmp_path / 'data'} (the archive holds the folder cifar-10-batches-py/ with " \
            "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch)" in message
     assert "dataset.root=" in message and "\n" not in message

@@ -10,29 +10,24 @@ import pytest
 import torch
 from torch import nn
 
-from advtrain.attacks import PassCounter, pgd
-from advtrain.config import ConfigError, check_config
+from advtrain.attacks import pgd
+from advtrain.config import ConfigError
 from advtrain.data import Batch
-from advtrain.engine.context import TrainContext
 from advtrain.engine.run import train
 from advtrain.engine.signals import Interrupted
 from advtrain.methods import build_method
 from advtrain.methods.deat import DEAT
 from advtrain.attacks.losses import get_loss
 from advtrain.methods.schedules import AccuracyRule, FixedRule, GradMagnitude, MagnitudeRule
-from advtrain.schema import TRAIN_SECTIONS
-from conftest import compose_train, run_cli
+from conftest import checked, make_context, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 thread, restored afterwards
 
 SYNTH = ["dataset=synthetic", "arch=mnist_net", "logger=none", "trainer.progress=off", "dataset.n_train=512",
          "dataset.n_test=64", "trainer.batch_size=48", "attack=[]"]  # 512 = 10 full batches + a short one
 
 
-def checked(overrides):
-    return check_config(compose_train(overrides), TRAIN_SECTIONS)
-
-
 def run(tmp_path, overrides):
-    torch.set_num_threads(1)
     return train(checked(SYNTH + overrides), tmp_path)
 
 
@@ -119,13 +114,6 @@ def test_deat_with_carried_delta_and_fixed_r_performs_exactly_free_updates(tmp_p
     assert free["counter"]["total"] == deat["counter"]["total"] == 2 * m * 512
 
 
-def _ctx(model, scaler=None, autocast=None) -> TrainContext:
-    return TrainContext(model=model, attack_model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1),
-                        scaler=scaler, counter=PassCounter(), device=torch.device("cpu"),
-                        autocast=autocast or (lambda: torch.autocast("cpu", enabled=False)), epochs=1,
-                        batches_per_epoch=1)
-
-
 def _deat_steps(scaler=None, fp16=False, batches=4, replays=3):
     """A few DEAT minibatches on a small conv net; returns (method, model)."""
     cfg = checked(["method=deat", "dataset=synthetic", f"method.replays={replays}"]).method
@@ -133,7 +121,7 @@ def _deat_steps(scaler=None, fp16=False, batches=4, replays=3):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 10 * 10, 4))
     autocast = (lambda: torch.autocast("cpu", dtype=torch.float16)) if fp16 else None
-    ctx = _ctx(model, scaler, autocast)
+    ctx = make_context(model, scaler=scaler, autocast=autocast)
     for _ in range(batches):
         x, y = torch.rand(16, 1, 12, 12), torch.randint(0, 4, (16,))
         with ctx.autocast():
@@ -154,7 +142,7 @@ def test_replays_attack_pixels_that_sit_on_the_image_box():
     model = nn.Sequential(nn.Conv2d(1, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 10 * 10, 4))
     x, y = torch.zeros(16, 1, 12, 12), torch.randint(0, 4, (16,))
     x[:, :, 4:8, 4:8] = 1.0  # a white square on black: every pixel on a bound of the box
-    out = replay(_ctx(model), x, y, torch.zeros_like(x), replays=2, step=0.3, eps=0.3)
+    out = replay(make_context(model), x, y, torch.zeros_like(x), replays=2, step=0.3, eps=0.3)
     moved = out.delta != 0
     assert moved.float().mean() > 0.3  # the clamp's zero subgradient would leave delta = 0 everywhere
     assert out.delta.abs().max() <= 0.3 and ((x + out.delta) >= 0).all() and ((x + out.delta) <= 1).all()

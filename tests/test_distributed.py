@@ -381,13 +381,12 @@ def test_more_cpu_devices_than_cores_is_refused_before_the_run_starts(tmp_path):
     assert not (tmp_path / "r").exists()
 
 
-def test_trades_joint_forward_equals_two_forwards_without_bn(tmp_path):
+def test_trades_joint_forward_equals_two_forwards_without_bn(tmp_path, one_thread):
     from advtrain.config import check_config
     from advtrain.engine.run import train
     from advtrain.schema import TRAIN_SECTIONS
     from conftest import compose_train
 
-    torch.set_num_threads(1)
     for forward in ("separate", "joint"):
         cfg = check_config(compose_train([*TINY, "method=trades", "method.steps=2", "trainer.epochs=1",
                                           f"method.forward={forward}", "trainer.progress=off"]), TRAIN_SECTIONS)

@@ -12,21 +12,15 @@ from advtrain.attacks import PassCounter
 from advtrain.config import check_config
 from advtrain.schema import TRAIN_SECTIONS
 from advtrain.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from advtrain.engine.context import TrainContext
 from advtrain.engine.run import train
 from advtrain.methods import build_method
-from conftest import compose_train
+from conftest import compose_train, make_context
 from test_data import write_cifar10
 
 CPU = torch.device("cpu")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 thread, restored afterwards
 
 
 def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
@@ -61,13 +55,6 @@ def test_a_checkpoint_never_executes_code(tmp_path):
         load_checkpoint(tmp_path / "missing.pt")
 
 
-def _ctx(model, batch) -> TrainContext:
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    return TrainContext(model=model, attack_model=model, optimizer=optimizer, scaler=None, counter=PassCounter(),
-                        device=CPU, autocast=_no_autocast, epochs=1,
-                        batches_per_epoch=1, fixed_batch=lambda n: batch)
-
-
 def _no_autocast():
     return torch.autocast("cpu", enabled=False)
 
@@ -82,7 +69,7 @@ def test_fgsm_rs_guard_restores_the_last_good_weights_on_collapse():
         model[1].bias.copy_(torch.tensor([8.0, -8.0]))  # class 1 iff the mean pixel exceeds 0.5
     cfg = check_config(compose_train(["method=fgsm_rs", "dataset=synthetic"]), TRAIN_SECTIONS).method
     method = build_method(cfg, None)
-    ctx = _ctx(model, (x, y))
+    ctx = make_context(model, batch=(x, y), autocast=_no_autocast)
     assert method.epoch_end(ctx, {})["guard_pgd_acc"] == 1.0 and ctx.stop_reason is None
     good = {k: v.clone() for k, v in model.state_dict().items()}
     with torch.no_grad():  # collapse: the model now answers class 0 whatever it sees
@@ -100,7 +87,7 @@ def test_free_keeps_delta_across_minibatches_inside_the_ball():
     method = build_method(cfg.method, None)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 3))
-    ctx = _ctx(model, None)
+    ctx = make_context(model, autocast=_no_autocast)
     eps = cfg.method.eps
     deltas = []
     for step in range(3):

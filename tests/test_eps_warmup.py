@@ -4,21 +4,21 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import pytest
-import torch
 
-from advtrain.config import ConfigError, check_config
+from advtrain.config import ConfigError
 from advtrain.engine.loop import eps_factor
 from advtrain.engine.run import train
 from advtrain.methods import build_method
-from advtrain.schema import TRAIN_SECTIONS
-from conftest import compose_train
+from conftest import checked as conftest_checked
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 thread, restored afterwards
 
 SYNTH = ["dataset=synthetic", "arch=mnist_net", "logger=none", "trainer.progress=off", "dataset.n_train=256",
          "dataset.n_test=64", "trainer.batch_size=64", "attack=[]"]
 
 
 def checked(overrides):
-    return check_config(compose_train(SYNTH + overrides), TRAIN_SECTIONS)
+    return conftest_checked(SYNTH + overrides)
 
 
 def test_factor_ramps_linearly_then_holds():
@@ -54,7 +54,6 @@ def test_attacks_during_warmup_use_the_ramped_eps(tmp_path, monkeypatch):
         return plain(model, x, y, **kw)
 
     monkeypatch.setattr(base, "pgd", recording)
-    torch.set_num_threads(1)
     train(checked(["method=pgd", "trainer.epochs=2", "trainer.eps_warmup=0.5"]), tmp_path)
     eps = 0.1  # synthetic data's threat model
     # 4 batches per epoch; batch b of epoch 0 is at progress b/8 of training, so at (b/8) / 0.5 of the ramp.
@@ -80,6 +79,5 @@ def test_fgsm_rs_guard_attacks_at_the_full_eps_during_the_warmup(tmp_path, monke
         return plain(model, x, y, **kw)
 
     monkeypatch.setattr(fgsm_rs, "pgd", recording)
-    torch.set_num_threads(1)
     train(checked(["method=fgsm_rs", "trainer.epochs=3", "trainer.eps_warmup=0.9"]), tmp_path)
     assert guard_eps == [0.1, 0.1, 0.1]  # synthetic data's eps; the warm-up was at 0.4 and 0.7 of it

@@ -20,13 +20,14 @@ from advtrain.methods.gaat import GAAT
 from advtrain.schema import TRAIN_SECTIONS
 from conftest import compose_train
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 thread, restored afterwards
+
 SYNTH = ["dataset=synthetic", "arch=mnist_net", "logger=none", "trainer.progress=off", "dataset.n_train=512",
          "dataset.n_test=64", "trainer.batch_size=48", "attack=[]", "dataset.crop_padding=2", "dataset.flip=true",
          "method=gaat"]
 
 
 def run(run_dir, overrides):
-    torch.set_num_threads(1)
     return train(check_config(compose_train(SYNTH + overrides), TRAIN_SECTIONS), run_dir)
 
 

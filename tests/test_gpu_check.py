@@ -6,6 +6,7 @@ import importlib.util
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -109,9 +110,18 @@ def test_a_step_over_its_cap_is_cut_with_its_children(gpu_check, tmp_path):
     status, seconds, error = gpu_check.run_command(cmd, tmp_path / "log", timeout_s=10, env=None)
     assert status == "cut" and "cut after 10 s" in error
     if pid_file.exists() and pid_file.read_text():  # the child got that far before its cap (it does but on a
-        pid = int(pid_file.read_text())              # machine so loaded that Python took 10 s to start)
-        stat = Path(f"/proc/{pid}/stat")
-        assert not stat.exists() or stat.read_text().rpartition(")")[2].split()[0] in ("Z", "X")
+        stat = Path(f"/proc/{int(pid_file.read_text())}/stat")  # machine so loaded that Python took 10 s to start)
+
+        def alive() -> bool:
+            try:
+                return stat.read_text().rpartition(")")[2].split()[0] not in ("Z", "X")
+            except OSError:
+                return False
+
+        deadline = time.monotonic() + 30  # SIGKILL is delivered at once, the teardown takes its moment
+        while alive() and time.monotonic() < deadline:
+            pass
+        assert not alive()
 
 
 def test_a_failed_command_reports_its_last_line(gpu_check, tmp_path):

@@ -2,18 +2,16 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from advtrain.config import check_config
 from advtrain.schema import TRAIN_SECTIONS
 from advtrain.engine.run import train
 from conftest import compose_train
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 
 def run(tmp_path, root, method):
-    torch.set_num_threads(1)
     cfg = check_config(compose_train([
         "experiment=mnist_fgsm_rs_wong2020", f"method={method}", f"dataset.root={root}", "logger=none",
         "dataset.train_subset=10000", "trainer.epochs=4", "eval.n=500", "attack=[pgd20]",
@@ -32,7 +30,6 @@ def test_fgsm_rs_is_far_more_robust_than_natural_training(tmp_path, mnist_root):
 def test_an_eps_warmup_run_is_not_cut_short_by_the_fgsm_rs_guard(tmp_path, mnist_root):
     """Reproduces the report: with the guard measuring at the warm-up's eps, the rising threat model read as a
     collapse ("guard PGD accuracy fell from 0.668 to 0.387") and training stopped after epoch 4 of 5."""
-    torch.set_num_threads(1)
     cfg = check_config(compose_train([
         "experiment=mnist_fgsm_rs_wong2020", f"dataset.root={mnist_root}", "logger=none",
         "dataset.train_subset=6000", "trainer.epochs=5", "trainer.eps_warmup=0.8", "eval.n=200", "attack=[pgd20]",

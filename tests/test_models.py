@@ -26,14 +26,7 @@ def make(name, in_shape=CIFAR_SHAPE, num_classes=10, **options):
     return build_model(name, num_classes=num_classes, in_shape=in_shape, mean=mean, std=std, **options)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Test batches are tiny, so intra-op threads gain nothing; and OpenMP threads spin-waiting for a core that another
-    # process holds made these tests 5x slower on a busy 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 thread, restored afterwards
 
 
 @pytest.fixture(scope="module")

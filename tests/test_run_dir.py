@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from advtrain.config import check_config
+from advtrain.engine import checkpointing
 from advtrain.engine import run as run_module
 from advtrain.engine.atomic import atomic_write, is_disk_full, remove_stale_temps
 from advtrain.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -125,7 +126,7 @@ def test_a_checkpoint_write_on_a_full_disk_keeps_the_previous_one_and_no_temp(tm
 
 def test_a_full_disk_mid_run_is_one_line_naming_the_kept_checkpoint(tmp_path, monkeypatch):
     cfg = check_config(compose_train([*TINY, "trainer.epochs=3"]), TRAIN_SECTIONS)
-    plain = run_module.save_checkpoint
+    plain = checkpointing.save_checkpoint
     calls = []
 
     def save_until_full(state, path):
@@ -136,7 +137,7 @@ def test_a_full_disk_mid_run_is_one_line_naming_the_kept_checkpoint(tmp_path, mo
                 plain(state, path)
         plain(state, path)
 
-    monkeypatch.setattr(run_module, "save_checkpoint", save_until_full)
+    monkeypatch.setattr(checkpointing, "save_checkpoint", save_until_full)
     with pytest.raises(CheckpointError) as caught:
         run_module.train(cfg, tmp_path)
     last = tmp_path / "checkpoints" / "last.pt"

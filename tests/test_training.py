@@ -2,12 +2,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from advtrain.config import check_config
 from advtrain.schema import TRAIN_SECTIONS
 from advtrain.engine.run import train
 from conftest import compose_train
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: 1 thread, restored afterwards
 
 # Natural training relies on the synthetic data's faint non-robust pattern; adversarial training cannot.
 SYNTH = ["dataset=synthetic", "arch=mnist_net", "logger=none", "trainer.progress=off", "dataset.n_train=2048",
@@ -16,7 +17,6 @@ SYNTH = ["dataset=synthetic", "arch=mnist_net", "logger=none", "trainer.progress
 
 
 def run(tmp_path, overrides):
-    torch.set_num_threads(1)  # the CPU runs faster without OpenMP threads spinning against each other
     cfg = check_config(compose_train(SYNTH + overrides), TRAIN_SECTIONS)
     return train(cfg, tmp_path)
 

@@ -17,6 +17,7 @@ from torch import nn
 
 from advtrain.attacks import build_attack
 from advtrain.engine.distributed import SINGLE, Dist
+from advtrain.engine.results import attack_suite
 from advtrain.methods.base import View
 from advtrain.models import bind
 
@@ -82,6 +83,36 @@ def _evaluate(model, view: str, evalset, attacks, n, batch_size, on_progress, di
             on_progress(f"{label}: {total} examples{shard}, {accs} ({time.perf_counter() - start:.0f} s)")
     *summed, total = dist.sum([*counts.values(), total])
     return {"n": int(total), **{name: count / max(total, 1) for name, count in zip(counts, summed)}}
+
+
+class RunEvaluation:
+    """A run's evaluations: its attack suite, the method's views, and model selection on the held-out split."""
+
+    def __init__(self, cfg, method, data, dist: Dist = SINGLE):
+        self.cfg, self.method, self.data, self.dist = cfg, method, data, dist
+        self.suite = attack_suite(cfg)
+
+    def periodic(self, model: nn.Module, state, save_best: Callable[[], str]) -> dict:
+        """The evaluation every eval.every epochs (no AutoAttack): on the validation split if there is one, where
+        the weights scoring highest by the method's select_score are kept as best.pt (never on the test set)."""
+        e = self.cfg.eval
+        monitor = self.data.val if self.data.val is not None else self.data.test
+        scores = evaluate_views(model, monitor, periodic_suite(self.suite), n=e.every_n, batch_size=e.batch_size,
+                                seed=e.seed, views=self.method.eval_views(), dist=self.dist)
+        if self.data.val is not None:
+            score = self.method.select_score(scores)
+            if state.best_val_score is None or score > state.best_val_score:
+                state.best_val_score = score
+                save_best()
+        return flat(scores)
+
+    def final(self, model: nn.Module, on_progress: Callable[[str], None] | None = None):
+        """(scores per view, AutoAttack's warnings) on the test set."""
+        e, warnings = self.cfg.eval, []
+        scores = evaluate_views(model, self.data.test, self.suite, n=e.n, batch_size=e.batch_size, seed=e.seed,
+                                views=self.method.eval_views(), dist=self.dist, warnings=warnings,
+                                on_progress=on_progress)
+        return scores, warnings
 
 
 def flat(scores: Mapping[str, Mapping]) -> dict:

@@ -232,6 +232,6 @@ def write_markdown(rows: list[Row], metrics: list[str], path: Path, evaluations:
     lines = _markdown(columns, [display_cells(row, metrics, rows) for row in rows],
                       left=columns.index("runs"))
     if evaluations:
-        lines += ["", f"Evaluations of checkpoints (advtrain-eval; not counted as runs above):", "",
+        lines += ["", "Evaluations of checkpoints (advtrain-eval; not counted as runs above):", "",
                   *_markdown(evaluation_columns(metrics), [evaluation_cells(r, metrics) for r in evaluations], 5)]
     path.write_text("\n".join(lines) + "\n")
