@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 RUN_ID_FILE = Path("wandb") / "run_id"  # under the run directory
-RETRY_WAITS_S = (0.0, 1.0, 2.0, 4.0)    # before each offline start after a failed online one
+RETRY_WAITS_S = (0.0, 1.0, 2.0, 4.0, 8.0, 15.0)  # before each offline start after a failed online one (30 s at most)
 
 
 def has_credentials() -> bool:
