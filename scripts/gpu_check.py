@@ -82,10 +82,18 @@ def method_names() -> list[str]:
     return ["pgd", *[n for n in names if n != "pgd"]]
 
 
-def cost_rows() -> list[str]:
+def needs_teacher(name: str) -> bool:
+    """A method whose YAML leaves `teacher` for the user to give (RRM)."""
+    yaml = (REPO / "advtrain" / "conf" / "method" / f"{name}.yaml").read_text()
+    return any(line.split("#")[0].split() == ["teacher:", "null"] for line in yaml.splitlines())
+
+
+def cost_rows(teacher: Path) -> list[str]:
     rows = []
     for name in method_names():
         label, overrides = METHOD_ROWS.get(name, (name, [f"method={name}"]))
+        if needs_teacher(name):  # a one-step model of the same shape: the cost does not depend on its weights
+            overrides = [*overrides, f"method.teacher={teacher}"]
         rows += ["--row", f"{label}: {' '.join(overrides)}"]
     return rows
 
@@ -124,9 +132,12 @@ def plan(out: Path, smoke: bool) -> list[Step]:
              [Command([*bench, "--no-reference", "--json", str(raw / "wrn.json"), *PGD10, *data,
                        *([] if smoke else ["arch=wrn34_10", "trainer.batch_size=128"]),
                        *(batch if smoke else [])], raw / "wrn.json")]),
-        Step("costs", "Every method on PreActResNet-18 at CIFAR shape, side by side", 90,
-             [Command([*bench, *cost_rows(), "--json", str(raw / "costs.json"), *preact, *data, *batch],
-                      raw / "costs.json")]),
+        Step("costs", "Every method on PreActResNet-18 at CIFAR shape, side by side", 90, [
+            Command([py, "-m", "advtrain", "dataset=synthetic", *data, *preact, *batch, "method=natural",
+                     "trainer.epochs=1", f"dataset.n_train={16 if smoke else 512}", "dataset.n_test=16", "attack=[]",
+                     "logger=none", "trainer.progress=off", "resume=never", f"hydra.run.dir={out / 'teacher'}"]),
+            Command([*bench, *cost_rows(out / "teacher" / "checkpoints" / "last.pt"), "--json",
+                     str(raw / "costs.json"), *preact, *data, *batch], raw / "costs.json")]),
         Step("e2e", "End to end: python -m advtrain, and torchrun", 150,
              [e2e("devices1", [py], ["trainer.devices=1"]), e2e("torchrun", torchrun, [])]),
         Step("profile", "Where the PGD-10 step's time goes: top kernels", 40,

@@ -14,27 +14,42 @@ from advtrain.methods import build_method
 from advtrain.models import build_model
 
 
-def model_spec(cfg, info) -> dict:
-    """What load_model needs to rebuild the network without the run's config files."""
+def model_spec(cfg, info, companions: dict[str, dict] | None = None) -> dict:
+    """What load_model needs to rebuild the network without the run's config files. `companions`: the model specs
+    of the method's frozen companions, whose shapes a method may build on (RRM's projection to its teacher's
+    features); their weights are not needed to rebuild this network."""
     return {"arch": OmegaConf.to_container(cfg.arch), "method": OmegaConf.to_container(cfg.method),
             "num_classes": info.num_classes, "shape": list(info.shape), "mean": list(info.mean),
-            "std": list(info.std), "dataset": cfg.dataset.name}
+            "std": list(info.std), "dataset": cfg.dataset.name, "companions": dict(companions or {})}
 
 
-def build_network(spec: dict, method=None) -> torch.nn.Module:
+def build_network(spec: dict, method=None, companions: dict[str, torch.nn.Module] | None = None) -> torch.nn.Module:
+    """The network of `spec`, changed by `method`'s wrap_model, which sees the companions (the loaded ones while
+    training; otherwise models of their architecture rebuilt from the specs `spec` records, untrained)."""
     arch = spec["arch"]
     model = build_model(arch["name"], num_classes=spec["num_classes"], in_shape=tuple(spec["shape"]),
                         mean=spec["mean"], std=spec["std"], depth=arch.get("depth"),
                         widen_factor=arch.get("widen_factor"), dropout=arch.get("dropout", 0.0))
-    return method.wrap_model(model) if method is not None else model
+    if method is None:
+        return model
+    if companions is None:
+        companions = {name: _skeleton(s) for name, s in spec.get("companions", {}).items()}
+    return method.wrap_model(model, companions)
+
+
+def _skeleton(spec: dict) -> torch.nn.Module:
+    return build_network(spec, build_method(OmegaConf.create(spec["method"]), spec_info(spec)))
+
+
+def spec_info(spec: dict) -> DatasetInfo:
+    return DatasetInfo(name=spec["dataset"], num_classes=spec["num_classes"], shape=tuple(spec["shape"]),
+                       mean=tuple(spec["mean"]), std=tuple(spec["std"]), n_train=0, n_val=0, n_test=0)
 
 
 def model_from_checkpoint(state: dict[str, Any]):
     """Rebuild (method, model) from a loaded checkpoint: the architecture, any change the method made, the weights."""
     spec = state["model_spec"]
-    info = DatasetInfo(name=spec["dataset"], num_classes=spec["num_classes"], shape=tuple(spec["shape"]),
-                       mean=tuple(spec["mean"]), std=tuple(spec["std"]), n_train=0, n_val=0, n_test=0)
-    method = build_method(OmegaConf.create(spec["method"]), info)
+    method = build_method(OmegaConf.create(spec["method"]), spec_info(spec))
     model = build_network(spec, method)
     try:
         model.load_state_dict(state["model"])

@@ -39,7 +39,8 @@ def device_name(device: torch.device) -> str:
 
 
 def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, checkpoint: str,
-                  world_size: int = 1, kind: str = "train", warnings: list[str] = ()) -> dict[str, Any]:
+                  world_size: int = 1, kind: str = "train", warnings: list[str] = (),
+                  companions: dict[str, dict] | None = None) -> dict[str, Any]:
     """`passes`: example-passes spent in training, summed over all ranks. `scores`: view name -> scores (one
     unnamed view for most methods). `kind`: "train" for a training run's own record, "eval" for advtrain-eval's
     evaluation of a checkpoint (advtrain-report never counts one as a run).
@@ -57,6 +58,10 @@ def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, che
         "images_per_s": examples / max(state.train_time_s, 1e-9),
         "passes_per_example": passes / examples,
         "eval": next(iter(scores.values())), "stop_reason": state.stop_reason,
+        # A method built on frozen models (RRM's teacher) cost their training too: both times, apart and summed.
+        **({"companions": companions,
+            "train_time_with_companions_s": state.train_time_s + sum(c["train_time_s"] for c in companions.values())}
+           if companions else {}),
         **({"views": dict(scores)} if list(scores) != [""] else {}),
         # The evaluation's own doubts (AutoAttack's reliability checks): a number to read with care.
         "eval_warnings": list(warnings),

@@ -115,7 +115,8 @@ def _train(cfg, dist: Dist, device_index: int, stops, ckpts: Checkpoints) -> dic
         scores, warnings = evaluation.final(model, on_progress=lambda line: con.console.print(line, markup=False))
         (passes,) = dist.sum([counter.total])
         results = build_results(cfg, state, passes, data.train.n_examples, scores, rt,
-                                checkpoint=str(ckpts.last_path), world_size=dist.world_size, warnings=warnings)
+                                checkpoint=str(ckpts.last_path), world_size=dist.world_size, warnings=warnings,
+                                companions=parts.companion_records)
         if dist.is_main:
             with ckpts.reporting_full_disk(ckpts.results_path):
                 write_results(results, ckpts.results_path)
@@ -142,6 +143,7 @@ class Parts:
     model: nn.Module                  # the plain module (channels_last / SyncBN applied)
     optimizer: torch.optim.Optimizer
     companions: dict                  # name -> the frozen models the method needs (never trained, never saved)
+    companion_records: dict           # name -> {"checkpoint", "train_time_s"}: where each came from, what it cost
 
 
 def build_parts(cfg, rt: Runtime, dist: Dist = SINGLE) -> Parts:
@@ -151,24 +153,34 @@ def build_parts(cfg, rt: Runtime, dist: Dist = SINGLE) -> Parts:
     if cfg.trainer.compile and not method.compilable:
         raise ConfigError(f"method={cfg.method.name} cannot run under torch.compile (its training step changes the "
                           "model in ways a compiled graph would not follow): leave trainer.compile=false")
-    companions = {name: load_companion(name, path, rt.device) for name, path in method.companions().items()}
-    spec = model_spec(cfg, data.info)
-    model = build_network(spec, method).to(rt.device)
+    loaded = {name: load_companion(name, path, data.info, rt.device) for name, path in method.companions().items()}
+    companions = {name: model for name, (model, _, _) in loaded.items()}
+    spec = model_spec(cfg, data.info, {name: s for name, (_, s, _) in loaded.items()})
+    model = build_network(spec, method, companions).to(rt.device)
     if dist.enabled and cfg.trainer.sync_bn:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(cfg.optim, model.parameters())
-    return Parts(rt, data, method, spec, model, optimizer, companions)
+    records = {name: {"checkpoint": str(method.companions()[name]), "train_time_s": t}
+               for name, (_, _, t) in loaded.items()}
+    return Parts(rt, data, method, spec, model, optimizer, companions, records)
 
 
-def load_companion(name: str, path: str, device: torch.device) -> nn.Module:
-    """A frozen model from an advtrain checkpoint (weights_only): on the device, in eval mode, without gradients."""
+def load_companion(name: str, path: str, info, device: torch.device) -> tuple[nn.Module, dict, float]:
+    """(model, its spec, the seconds it took to train) from an advtrain checkpoint (weights_only): on the device,
+    in eval mode, without gradients. It must take this run's images: the same shape and classes."""
     try:
-        _, model = model_from_checkpoint(load_checkpoint(path))
+        state = load_checkpoint(path)
+        _, model = model_from_checkpoint(state)
     except CheckpointError as e:
         raise CheckpointError(f"the method's {name} model: {e}") from None
-    return model.to(device).eval().requires_grad_(False)
+    spec = state["model_spec"]
+    if tuple(spec["shape"]) != tuple(info.shape) or spec["num_classes"] != info.num_classes:
+        raise CheckpointError(f"the method's {name} model {path} was trained on {spec['dataset']} images of shape "
+                              f"{tuple(spec['shape'])} with {spec['num_classes']} classes; this run's {info.name} "
+                              f"has {tuple(info.shape)} and {info.num_classes}")
+    return model.to(device).eval().requires_grad_(False), spec, float(state["loop"].get("train_time_s", 0.0))
 
 
 def build_context(cfg, parts: Parts, counter: PassCounter, dist: Dist = SINGLE) -> TrainContext:

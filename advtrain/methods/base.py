@@ -83,8 +83,10 @@ class Method:
                 scaled[f.name] = scaled[f.name] * factor
         self.cfg = SimpleNamespace(**scaled)
 
-    def wrap_model(self, model: nn.Module) -> nn.Module:
-        """Change the model once, when it is built (before the optimizer and checkpoint loading)."""
+    def wrap_model(self, model: nn.Module, companions: Mapping[str, nn.Module]) -> nn.Module:
+        """Change the model once, when it is built (before the optimizer and checkpoint loading). `companions`: the
+        frozen models of `companions()`, to read shapes from (when a checkpoint is rebuilt they are their
+        architectures only: never read their weights here)."""
         return model
 
     def companions(self) -> dict[str, str]:

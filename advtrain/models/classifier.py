@@ -80,11 +80,15 @@ class Classifier(nn.Module):
     def extra_repr(self) -> str:
         return f"arch={self.arch!r}"
 
-    def forward(self, x: torch.Tensor, *, cond: Any = None, features: bool = False):
-        """logits, or (logits, penultimate features) with features=True; `cond` conditions the forward."""
+    def forward(self, x: torch.Tensor, *, cond: Any = None, features: bool | str = False):
+        """logits, or (logits, penultimate features) with features=True; features="<name>" passes them through
+        that submodule of the classifier first (a method's own projection, put in by its wrap_model), inside this
+        one forward, so DDP reduces its gradient too. `cond` conditions the forward."""
         feats = self.features(x, cond)
         logits = self.head(feats)
-        return (logits, feats) if features else logits
+        if not features:
+            return logits
+        return logits, (feats if features is True else getattr(self, features)(feats))
 
     @contextmanager
     def _conditioned(self, cond: Any):

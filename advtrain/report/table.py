@@ -114,6 +114,7 @@ class Row:
     time_vs_pgd: float | None = field(default=None)  # train_time_s / that of the one PGD-AT row of the same setting
     differs: str = ""  # what sets this row apart from the other rows of its method, e.g. "dataset.eps=0.1"
     view: str = ""     # the evaluation view (a method with several: OAT's lambdas), else ""
+    time_with_companions_s: float | None = None  # mean, the frozen companions' training included (RRM's teacher)
     setting: tuple = field(default=(), repr=False)
     method_settings: tuple = field(default=(), repr=False)
 
@@ -134,10 +135,12 @@ def aggregate(runs: list[dict], metrics: list[str]) -> list[Row]:
     rows = []
     for (dataset, arch, method, setting, method_settings, view), group in sorted(groups.items()):
         acc = {m: _mean_std([100 * r["eval"][m] for r in group if r["eval"].get(m) is not None]) for m in metrics}
+        with_companions = [r.get("train_time_with_companions_s", r["train_time_s"]) for r in group]
         rows.append(Row(method, dataset, arch, len(group), acc,
                         statistics.mean(r["train_time_s"] for r in group),
                         statistics.mean(r["passes_per_example"] for r in group),
-                        setting=setting, method_settings=method_settings, view=view))
+                        setting=setting, method_settings=method_settings, view=view,
+                        time_with_companions_s=statistics.mean(with_companions)))
     _name_differences(rows)
     pgd = defaultdict(list)
     for row in rows:
@@ -175,13 +178,13 @@ def _short(value: str | None) -> str:
 def csv_columns(metrics: list[str]) -> list[str]:
     acc = [f"{m}_{stat}_pct" for m in metrics for stat in ("mean", "std")]
     return ["method", "dataset", "arch", "runs", *acc, "train_time_s", "passes_per_example", "time_vs_pgd", "view",
-            "setting"]
+            "setting", "train_time_with_companions_s"]
 
 
 def csv_values(row: Row, metrics: list[str]) -> list:
     acc = [value for m in metrics for value in row.acc_pct[m]]
     return [row.method, row.dataset, row.arch, row.runs, *acc, row.train_time_s, row.passes_per_example,
-            row.time_vs_pgd, row.view, row.differs]
+            row.time_vs_pgd, row.view, row.differs, row.time_with_companions_s]
 
 
 def write_csv(rows: list[Row], metrics: list[str], path: Path) -> None:
@@ -195,7 +198,11 @@ def write_csv(rows: list[Row], metrics: list[str], path: Path) -> None:
 def display_columns(metrics: list[str], rows: list[Row]) -> list[str]:
     setting = ["setting"] if any(row.differs for row in rows) else []
     return ["method", "dataset", "arch", *setting, "runs", *[f"{m} (%)" for m in metrics], "train time (s)",
-            "passes/example", "time / PGD-AT"]
+            *(["with companions (s)"] if _has_companions(rows) else []), "passes/example", "time / PGD-AT"]
+
+
+def _has_companions(rows: list[Row]) -> bool:
+    return any(r.time_with_companions_s != r.train_time_s for r in rows)
 
 
 def display_cells(row: Row, metrics: list[str], rows: list[Row]) -> list[str]:
@@ -204,8 +211,9 @@ def display_cells(row: Row, metrics: list[str], rows: list[Row]) -> list[str]:
 
     setting = [row.differs] if any(r.differs for r in rows) else []
     method = f"{row.method} [{row.view}]" if row.view else row.method
+    companions = [f"{row.time_with_companions_s:.1f}"] if _has_companions(rows) else []
     return [method, row.dataset, row.arch, *setting, str(row.runs), *[pm(*row.acc_pct[m]) for m in metrics],
-            f"{row.train_time_s:.1f}", f"{row.passes_per_example:.2f}",
+            f"{row.train_time_s:.1f}", *companions, f"{row.passes_per_example:.2f}",
             "" if row.time_vs_pgd is None else f"{row.time_vs_pgd:.2f}"]
 
 

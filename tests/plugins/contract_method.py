@@ -45,7 +45,7 @@ class Contract(Method):
     def companions(self):
         return {"teacher": self.cfg.teacher}
 
-    def wrap_model(self, model):
+    def wrap_model(self, model, companions):
         model.body = nn.Sequential(model.body, ConditionalGain(model.feature_dim))
         return model
 

@@ -1,0 +1,120 @@
+"""RRM: a student learns a frozen teacher's features on clean inputs. The teacher stays frozen and outside the
+student (optimizer, checkpoint, DDP); a projection appears only where the feature sizes differ; bad teachers are one
+line; the cost counts the teacher's forward and results.json both training times."""
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from advtrain.engine.checkpoint import load_checkpoint
+from advtrain.engine.precision import resolve_runtime
+from advtrain.engine.run import build_parts
+from conftest import TINY, checked, interrupt_after, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory) -> Path:
+    """A PGD-AT mnist_net on the tiny synthetic data."""
+    run_dir = tmp_path_factory.mktemp("teacher")
+    proc = run_cli([*TINY, "method=pgd", "trainer.epochs=2", "attack=[]", f"hydra.run.dir={run_dir}"], cwd=run_dir)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir / "checkpoints" / "last.pt"
+
+
+def _parts(teacher: Path, *overrides):
+    cfg = checked([*TINY, "method=rrm", f"method.teacher={teacher}", *overrides])
+    return build_parts(cfg, resolve_runtime(cfg.trainer))
+
+
+def test_the_teacher_is_frozen_and_outside_the_student(teacher):
+    parts = _parts(teacher)
+    frozen = parts.companions["teacher"]
+    assert not frozen.training and not any(p.requires_grad for p in frozen.parameters())
+    in_optimizer = {id(p) for group in parts.optimizer.param_groups for p in group["params"]}
+    assert not in_optimizer & {id(p) for p in frozen.parameters()}
+    assert in_optimizer == {id(p) for p in parts.model.parameters()}
+    assert not hasattr(parts.model, "rrm_projection")  # the same architecture: the same feature size
+
+
+def test_a_projection_joins_features_of_different_sizes(teacher):
+    parts = _parts(teacher, "arch=madry_cnn")  # a 1024-value penultimate layer, the teacher's has 100
+    projection = parts.model.rrm_projection.linear
+    assert (projection.in_features, projection.out_features) == (parts.model.feature_dim, 100)
+    logits, features = parts.model(torch.rand(2, 1, 12, 12), features="rrm_projection")
+    assert logits.shape == (2, 4) and features.shape == (2, 100)
+    assert {id(p) for p in projection.parameters()} <= {id(p) for g in parts.optimizer.param_groups
+                                                        for p in g["params"]}
+
+
+@pytest.mark.slow
+def test_rrm_trains_the_student_only_and_records_both_times(teacher, tmp_path):
+    before = {k: v.clone() for k, v in load_checkpoint(teacher)["model"].items()}
+    run_dir = tmp_path / "student"
+    proc = run_cli([*TINY, "method=rrm", f"method.teacher={teacher}", "arch=madry_cnn", f"hydra.run.dir={run_dir}"],
+                   cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    after = load_checkpoint(teacher)["model"]
+    assert all(torch.equal(before[k], after[k]) for k in before)  # bitwise unchanged
+
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["passes_per_example"] == pytest.approx(1 + 1 / 3)
+    teacher_time = load_checkpoint(teacher)["loop"]["train_time_s"]
+    assert results["companions"] == {"teacher": {"checkpoint": str(teacher), "train_time_s": teacher_time}}
+    assert results["train_time_with_companions_s"] == pytest.approx(results["train_time_s"] + teacher_time)
+    student = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert "rrm_projection.linear.weight" in student["model"]
+    assert not any(k.startswith("teacher") for k in student["model"]) and student["companions"]["teacher"]
+    import advtrain
+
+    assert advtrain.load_model(run_dir / "checkpoints" / "last.pt").feature_dim == student["model"][
+        "rrm_projection.linear.weight"].shape[1]  # rebuilt from the checkpoint alone, the projection included
+
+    proc = run_cli([str(tmp_path), "--out", str(tmp_path / "report")], cwd=tmp_path, program="advtrain-report")
+    assert proc.returncode == 0 and "with companions (s)" in proc.stdout, proc.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", ["missing", "corrupt", "other_shape"])
+def test_a_bad_teacher_is_one_line(case, teacher, tmp_path):
+    bad = {"missing": tmp_path / "nowhere.pt", "corrupt": tmp_path / "corrupt.pt"}.get(case, teacher)
+    if case == "corrupt":
+        bad.write_bytes(teacher.read_bytes()[:3000])
+    extra = ["dataset.shape=[1,16,16]"] if case == "other_shape" else []
+    run_dir = tmp_path / "run"
+    proc = run_cli([*TINY, "method=rrm", f"method.teacher={bad}", *extra, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    expected = {"missing": "checkpoint not found", "corrupt": "is corrupt",
+                "other_shape": "images of shape (1, 12, 12) with 4 classes; this run's synthetic has (1, 16, 16)"}
+    assert "the method's teacher model" in proc.stderr and expected[case] in proc.stderr
+    assert not run_dir.exists()
+
+
+@pytest.mark.slow
+def test_a_resumed_rrm_run_equals_an_uninterrupted_one(teacher, tmp_path):
+    args = [*TINY, "method=rrm", f"method.teacher={teacher}", "arch=madry_cnn", "trainer.epochs=3",
+            "trainer.deterministic=true", "trainer.log_every_s=0"]
+    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    stopped = interrupt_after([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path, "epoch 2/3 batch 3/")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr
+    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_rrm_trains_on_two_gloo_ranks(teacher, tmp_path):
+    run_dir = tmp_path / "ddp"
+    proc = run_cli([*TINY, "method=rrm", f"method.teacher={teacher}", "arch=madry_cnn", "trainer.devices=2",
+                    "trainer.accelerator=cpu", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and results["passes_per_example"] == pytest.approx(1 + 1 / 3)
