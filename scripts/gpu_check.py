@@ -58,6 +58,8 @@ METHOD_ROWS = {
     "fgsm_rs": ("fgsm_rs", ["method=fgsm_rs"]),
     "free": ("free-8", ["method=free", "method.replays=8"]),
     "trades": ("trades-10", ["method=trades", "method.steps=10"]),
+    "awp": ("awp-pgd10", ["method=awp", "method.steps=10"]),
+    "rat": ("rat-trades10", ["method=rat", "method.steps=10"]),
 }
 
 

@@ -33,7 +33,7 @@ def test_every_group_option_composes_and_checks(group, option):
 @pytest.mark.parametrize("preset", options("experiment"))
 def test_every_experiment_preset_composes_and_checks(preset):
     cfg = checked([f"experiment={preset}"])
-    dataset = preset.split("_")[0]
+    dataset = max((d for d in options("dataset") if preset.startswith(d + "_")), key=len)  # fashion_mnist_...
     assert cfg.dataset.name == dataset
     assert 0 < cfg.dataset.eps <= 1 and cfg.trainer.epochs >= 1
 

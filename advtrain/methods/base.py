@@ -77,7 +77,7 @@ class Method:
             self.cfg = self._full_cfg
             return
         full = self._full_cfg
-        scaled = {f.name: getattr(full, f.name) for f in fields(self.Config) if f.name in full}
+        scaled = {f.name: getattr(full, f.name) for f in fields(self.Config) if hasattr(full, f.name)}
         for f in fields(self.Config):
             if f.metadata.get("pixel") and scaled.get(f.name) is not None:
                 scaled[f.name] = scaled[f.name] * factor

@@ -45,22 +45,51 @@ class TRADES(StepsMethod):
         self.joint = self.cfg.forward == "joint" or (self.cfg.forward == "auto" and ctx.dist.enabled)
 
     def train_step(self, batch, ctx):
-        c, n = self.cfg, len(batch.y)
+        n = len(batch.y)
         if self.steps == 0:
             out = cross_entropy_update(ctx, batch.x, batch.y)
             return {**out, "robust_kl": torch.zeros((), device=batch.x.device)}
-        with torch.no_grad(), bn_mode(ctx.attack_model, c.bn):
-            p_clean = F.softmax(ctx.attack_model(batch.x).float(), dim=1)
-        ctx.counter.add(n, 1 / 3)
-        x_adv = self.attack(ctx, batch.x, batch.y, loss="kl", target=p_clean, start="normal")
-        if self.joint:
-            logits_clean, logits_adv = ctx.model(torch.cat([batch.x, x_adv])).float().split(n)
-        else:
-            logits_clean, logits_adv = ctx.model(batch.x).float(), ctx.model(x_adv).float()
-        natural = F.cross_entropy(logits_clean, batch.y)
-        robust = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1), reduction="batchmean")
-        loss = natural + c.beta * robust
+        x_adv = self.adversarial(batch, ctx.attack_model, ctx.counter)
+        logits_clean, logits_adv = self.forward_pair(ctx.model, batch.x, x_adv)
+        natural, robust = trades_terms(logits_clean, logits_adv, batch.y)
+        loss = natural + self.cfg.beta * robust
         ctx.update(loss)
         ctx.counter.add(n, 2)
-        return {"loss": loss.detach(), "acc": accuracy(logits_clean, batch.y),
-                "robust_kl": robust.detach()}
+        return {"loss": loss.detach(), "acc": accuracy(logits_clean, batch.y), "robust_kl": robust.detach()}
+
+    def adversarial(self, batch, model, counter):
+        """TRADES' inner maximisation on `model` (the attacking model: the plain one, or a noisy copy)."""
+        with torch.no_grad(), bn_mode(model, self.cfg.bn):
+            p_clean = F.softmax(model(batch.x).float(), dim=1)
+        counter.add(len(batch.y), 1 / 3)
+        return self.attack(_On(model, counter), batch.x, batch.y, loss="kl", target=p_clean, start="normal")
+
+    def forward_pair(self, model, x, x_adv, **kwargs):
+        """The update's forward(s) on the clean and adversarial halves: (clean out, adversarial out), each logits or
+        (logits, features) with features=... in kwargs."""
+        if self.joint:
+            out = model(torch.cat([x, x_adv]), **kwargs)
+            return _split(out, len(x))
+        return model(x, **kwargs), model(x_adv, **kwargs)
+
+
+def trades_terms(logits_clean, logits_adv, y):
+    """(CE on the clean half, KL(p(x) || p(x')) batch mean): TRADES' natural and robustness terms, in fp32."""
+    logits_clean, logits_adv = logits_clean.float(), logits_adv.float()
+    natural = F.cross_entropy(logits_clean, y)
+    robust = F.kl_div(F.log_softmax(logits_adv, 1), F.softmax(logits_clean, 1), reduction="batchmean")
+    return natural, robust
+
+
+def _split(out, n: int):
+    if isinstance(out, tuple):
+        halves = [t.split(n) for t in out]
+        return tuple(h[0] for h in halves), tuple(h[1] for h in halves)
+    return out.split(n)
+
+
+class _On:
+    """What StepsMethod.attack reads of a context (the attacking model, the pass counter), for a given model."""
+
+    def __init__(self, model, counter):
+        self.attack_model, self.counter = model, counter
