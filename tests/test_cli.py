@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import advtrain
-from conftest import TINY, interrupt_after, run_cli
+from conftest import REPO, TINY, interrupt_after, run_cli
 from wandb_records import read_run
 
 pytestmark = pytest.mark.slow
@@ -83,7 +83,8 @@ def test_eval_help_lists_only_what_advtrain_eval_takes(tmp_path):
 def test_help_lists_groups_and_options(tmp_path):
     proc = run_cli(["--help"], cwd=tmp_path)
     assert proc.returncode == 0
-    for line in ("method: deat, fgsm_rs, free, gaat, natural, pgd, trades", "attack: autoattack, cw, fgsm, pgd20, pgd50",
+    methods = ", ".join(sorted(p.stem for p in (REPO / "advtrain" / "conf" / "method").glob("*.yaml")))
+    for line in (f"method: {methods}", "attack: autoattack, cw, fgsm, pgd20, pgd50",
                  "experiment: cifar10_fgsm_rs_wong2020"):
         assert line in proc.stdout
 

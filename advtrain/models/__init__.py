@@ -18,7 +18,7 @@ from .classifier import (Bound, Classifier, Conditional, Normalize, bind, count_
                          replace_modules, unwrap)
 from .preact_resnet import preact_resnet
 from .resnet import resnet
-from .small_cnns import madry_cnn, mnist_net, trades_smallcnn
+from .small_cnns import bn_cnn, madry_cnn, mnist_net, trades_smallcnn
 from .wide_resnet import wide_resnet
 
 __all__ = [
@@ -27,6 +27,7 @@ __all__ = [
 ]
 
 ARCHS: dict[str, Callable[..., tuple[nn.Module, nn.Linear]]] = {
+    "bn_cnn": bn_cnn,
     "madry_cnn": madry_cnn,
     "mnist_net": mnist_net,
     "trades_smallcnn": trades_smallcnn,

@@ -103,9 +103,9 @@ class Classifier(nn.Module):
 
 
 class Bound(nn.Module):
-    """A conditioned model fixed to one condition: x -> logits, as attacks and attack libraries expect. A number is
-    broadcast to every example of whatever batch comes (AutoAttack sends sub-batches); a per-example tensor must
-    match the batch."""
+    """A conditioned model fixed to one condition: x -> logits, as attacks and attack libraries expect. A number (or
+    an object with `for_batch(n, device)`) is broadcast to every example of whatever batch comes (AutoAttack sends
+    sub-batches); a per-example tensor must match the batch."""
 
     def __init__(self, model: nn.Module, cond: Any):
         super().__init__()
@@ -113,7 +113,9 @@ class Bound(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         cond = self.cond
-        if isinstance(cond, (int, float)):
+        if hasattr(cond, "for_batch"):  # a condition that knows how to fill a batch (OAT's FixedLambda)
+            cond = cond.for_batch(len(x), x.device)
+        elif isinstance(cond, (int, float)):
             cond = torch.full((len(x),), float(cond), device=x.device)
         elif torch.is_tensor(cond) and cond.ndim > 0 and len(cond) != len(x):
             raise ValueError(f"a condition for {len(cond)} examples cannot condition a batch of {len(x)}")

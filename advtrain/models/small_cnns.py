@@ -4,6 +4,8 @@
   (github.com/MadryLab/mnist_challenge, model.py). The original TensorFlow init (truncated normal, std 0.1) is not
   copied; PyTorch defaults train it fine.
 - mnist_net: Wong et al., "Fast is better than free", ICLR 2020 (github.com/locuslab/fast_adversarial, MNIST/).
+- bn_cnn: mnist_net's shape with BatchNorm after each convolution, so that the methods that work on BatchNorm
+  (OAT's dual BN and FiLM) run on MNIST-sized data on a laptop CPU. advtrain's own, not from a paper.
 - trades_smallcnn: Zhang et al., "TRADES", ICML 2019 (github.com/yaodongyu/TRADES, models/small_cnn.py), with its
   init: Kaiming-normal convs and an all-zero final layer. With a zero head the logits, and so the input gradient of
   any attack, are exactly zero until the first optimizer step, as in the reference.
@@ -53,6 +55,23 @@ def mnist_net(in_shape: tuple[int, int, int], num_classes: int) -> tuple[nn.Modu
         nn.Flatten(),
     )
     body = nn.Sequential(*convs, nn.Linear(_flat_size(convs, in_shape, "mnist_net"), 100), nn.ReLU())
+    return body, nn.Linear(100, num_classes)
+
+
+def bn_cnn(in_shape: tuple[int, int, int], num_classes: int) -> tuple[nn.Module, nn.Linear]:
+    convs = nn.Sequential(
+        nn.Conv2d(in_shape[0], 16, 4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 32, 4, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(32),
+        nn.ReLU(),
+        nn.Flatten(),
+    )
+    convs.eval()  # the dummy forward that sizes the Linear layer must not touch the BN statistics
+    flat = _flat_size(convs, in_shape, "bn_cnn")
+    convs.train()
+    body = nn.Sequential(*convs, nn.Linear(flat, 100), nn.ReLU())
     return body, nn.Linear(100, num_classes)
 
 

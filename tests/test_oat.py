@@ -1,0 +1,124 @@
+"""OAT: per-example routing by lambda (never by position), BN_adv untouched by lambda = 0 examples, every attack at
+any sub-batch size, the encoding inside the checkpoint bit for bit, resume equality, 2-rank DDP with a batch that has
+no lambda = 0 example, load_model per view."""
+from __future__ import annotations
+
+import json
+import signal
+
+import pytest
+import torch
+
+import advtrain
+from advtrain.data.loader import TensorEvalSet
+from advtrain.engine.evaluate import evaluate_views
+from advtrain.methods import build_method
+from advtrain.models import bind, build_model
+from advtrain.models.conditioned_bn import FiLMDualBN, FixedLambda, Lambdas, orthogonal_encoding
+from conftest import TINY, checked, interrupt_after, run_cli
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)
+OAT = [*TINY, "arch=bn_cnn", "method=oat"]
+
+
+def _oat_model(seed: int = 0):
+    torch.manual_seed(seed)
+    cfg = checked(OAT)
+    method = build_method(cfg.method, type("Info", (), {"num_classes": 4})())
+    model = build_model("bn_cnn", num_classes=4, in_shape=(1, 12, 12), mean=[0.0], std=[1.0])
+    return method, method.wrap_model(model, {})
+
+
+def test_routing_is_per_example_not_by_position():
+    _, model = _oat_model()
+    model.train()
+    x = torch.rand(12, 1, 12, 12)
+    values = torch.tensor([0.0, 0.3, 1.0, 0.0, 0.1, 0.2, 0.4, 0.0, 1.0, 0.3, 0.1, 0.0])
+    perm = torch.randperm(12, generator=torch.Generator().manual_seed(1))
+    out = model(x, cond=Lambdas.of(values, LAMBDAS, "cpu"))
+    shuffled = model(x[perm], cond=Lambdas.of(values[perm], LAMBDAS, "cpu"))
+    assert torch.allclose(shuffled, out[perm], atol=1e-5)  # shuffling a batch permutes its outputs, nothing else
+
+
+def test_lambda_zero_examples_never_touch_bn_adv():
+    _, model = _oat_model()
+    model.train()
+    blocks = [m for m in model.modules() if isinstance(m, FiLMDualBN)]
+    assert len(blocks) == 2
+    before = [(b.bn_adv.running_mean.clone(), b.bn_clean.running_mean.clone()) for b in blocks]
+    model(torch.rand(8, 1, 12, 12), cond=Lambdas.of([0.0] * 8, LAMBDAS, "cpu"))
+    for block, (adv, clean) in zip(blocks, before):
+        assert torch.equal(block.bn_adv.running_mean, adv) and not torch.equal(block.bn_clean.running_mean, clean)
+    with pytest.raises(ValueError, match="lambda must be one of"):
+        Lambdas.of([0.25], LAMBDAS, "cpu")
+
+
+def test_every_attack_runs_on_any_sub_batch_size():
+    _, model = _oat_model()
+    model.eval()
+    evalset = TensorEvalSet(torch.randint(0, 256, (7, 1, 12, 12), dtype=torch.uint8), torch.randint(0, 4, (7,)))
+    suite = {"pgd": {"type": "pgd", "eps": 0.1, "alpha": 0.03, "steps": 3, "restarts": 3},
+             "cw": {"type": "cw", "eps": 0.1, "alpha": 0.03, "steps": 3},
+             "aa": {"type": "autoattack", "eps": 0.1, "version": "custom", "attacks": ["apgd-ce", "apgd-t"]}}
+    views = build_method(checked(OAT).method, type("Info", (), {"num_classes": 4})()).eval_views()
+    scores = evaluate_views(model, evalset, suite, n=None, batch_size=3, views=views)  # batches of 3, 3 and 1
+    assert list(scores) == [f"lambda={v:g}" for v in LAMBDAS]
+    assert all(s["n"] == 7 and 0 <= s["aa"] <= s["clean"] <= 1 for s in scores.values())
+
+
+def test_a_model_without_batchnorm_is_refused_in_one_line():
+    from advtrain.errors import ConfigError
+
+    cfg = checked([*TINY, "method=oat"])  # mnist_net: no BatchNorm
+    method = build_method(cfg.method, type("Info", (), {"num_classes": 4})())
+    model = build_model("mnist_net", num_classes=4, in_shape=(1, 12, 12), mean=[0.0], std=[1.0])
+    with pytest.raises(ConfigError, match="arch=mnist_net has none"):
+        method.wrap_model(model, {})
+
+
+@pytest.fixture(scope="module")
+def oat_run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("oat")
+    proc = run_cli([*OAT, "trainer.epochs=2", f"hydra.run.dir={run_dir}"], cwd=run_dir)
+    assert proc.returncode == 0, proc.stderr
+    return run_dir
+
+
+@pytest.mark.slow
+def test_the_encoding_travels_in_the_checkpoint_and_views_load(oat_run):
+    results = json.loads((oat_run / "results.json").read_text())
+    assert list(results["views"]) == [f"lambda={v:g}" for v in LAMBDAS]
+    assert results["passes_per_example"] == pytest.approx(1 + (64 - 11) / 64 * (7 + 1))  # batch 64: 11 at 0
+    plain = advtrain.load_model(oat_run / "checkpoints" / "last.pt")
+    for block in (m for m in plain.modules() if isinstance(m, FiLMDualBN)):
+        assert torch.equal(block.encoding, orthogonal_encoding(len(LAMBDAS), 128, seed=0))  # bit for bit
+    view = advtrain.load_model(oat_run / "checkpoints" / "last.pt", view="lambda=0.3")
+    x = torch.rand(5, 1, 12, 12)
+    with torch.no_grad():
+        assert torch.equal(view(x), bind(plain, FixedLambda(0.3, LAMBDAS))(x))
+        assert not torch.equal(view(x), bind(plain, FixedLambda(0.0, LAMBDAS))(x))
+
+
+@pytest.mark.slow
+def test_a_resumed_oat_run_equals_an_uninterrupted_one(tmp_path):
+    args = [*OAT, "trainer.epochs=3", "trainer.deterministic=true", "trainer.log_every_s=0"]
+    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    stopped = interrupt_after([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path, "epoch 2/3 batch 3/")
+    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
+    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path)
+    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr
+    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_oat_on_two_gloo_ranks_with_no_lambda_zero_example(tmp_path):
+    run_dir = tmp_path / "ddp"
+    proc = run_cli([*OAT, "method.p_zero=0", "trainer.devices=2", "trainer.accelerator=cpu",
+                    f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr  # BN_clean has no gradient in any step: DDP was told
+    results = json.loads((run_dir / "results.json").read_text())
+    assert results["world_size"] == 2 and len(results["views"]) == len(LAMBDAS)
