@@ -66,7 +66,10 @@ def one_thread():
 
 def run_cli(args: list[str], cwd: Path, program: str = "advtrain", timeout: float = 300, env=None):
     """Run an entry point as a user would; returns the CompletedProcess (text mode). env values of None unset."""
-    full_env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
+    # WANDB_SERVICE: a W&B service this test process started (an in-process W&B test) is not the CLI's to share,
+    # unless a test passes it on purpose.
+    inherited = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+    full_env = {**inherited, "WANDB_MODE": "offline", "WANDB_SILENT": "true", **(env or {})}
     for key in ("HYDRA_FULL_ERROR", "ADVTRAIN_DEBUG", *[k for k, v in (env or {}).items() if v is None]):
         full_env.pop(key, None)
     return subprocess.run([program, *args], cwd=cwd, capture_output=True, text=True, timeout=timeout, env=full_env,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import threading
 from pathlib import Path
@@ -169,3 +170,25 @@ def test_online_start_that_fails_goes_offline_under_the_same_id(tmp_path, capsys
     (line,) = _warnings(capsys)
     assert "could not be reached within 5 s (connection refused)" in line
     assert f"wandb sync {tmp_path / 'wandb'}/offline-run-*" in line
+
+
+@pytest.mark.slow
+def test_a_w_and_b_service_inherited_from_the_parent_does_not_block_the_offline_fallback(tmp_path):
+    """A process that used W&B (a notebook, an agent, this test runner) hands its service to its children through
+    WANDB_SERVICE; that service keeps a failed start's run id, so the offline fallback must start its own."""
+    import wandb
+
+    run = wandb.init(mode="offline", dir=str(tmp_path), project="advtrain-test",
+                     settings=wandb.Settings(console="off", silent=True))
+    try:
+        service = os.environ.get("WANDB_SERVICE")
+        assert service, "wandb no longer shares its service through WANDB_SERVICE: this test checks nothing"
+        run_dir = tmp_path / "run"
+        online = {"WANDB_MODE": None, "WANDB_API_KEY": FAKE_KEY, "WANDB_BASE_URL": f"http://127.0.0.1:{_refusing_port()}",
+                  "NETRC": None, "HOME": str(tmp_path), "WANDB_SERVICE": service}
+        args = [*[a for a in TINY if a != "logger=none"], "logger=wandb", "logger.project=advtrain-test",
+                "logger.init_timeout_s=5", "method=natural", f"hydra.run.dir={run_dir}"]
+        _assert_trained_offline(run_cli(args, cwd=tmp_path, env=online, timeout=300), run_dir)
+    finally:
+        run.finish()
+        wandb.teardown()

@@ -27,7 +27,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 RUN_ID_FILE = Path("wandb") / "run_id"  # under the run directory
-RETRY_WAITS_S = (0.0, 1.0, 2.0, 4.0, 8.0, 15.0)  # before each offline start after a failed online one (30 s at most)
+RETRY_WAITS_S = (0.0, 1.0, 2.0, 4.0)    # before each offline start after a failed online one
 
 
 def has_credentials() -> bool:
@@ -123,8 +123,11 @@ class WandbLogger:
         return run
 
     def _offline_after_failed_start(self, wandb):
-        """The offline start, after the failed online one is torn down. On a loaded machine the old service can still
-        hold the run id for a moment ("run ID ... is in use"): tear down again and retry, a few seconds at most."""
+        """The offline start, after the failed online one is torn down. A service this process inherited from its
+        parent (WANDB_SERVICE: a notebook, an agent, a test runner that used W&B) is not this process's to tear down
+        and keeps the failed run's id: start a service of our own instead. On a loaded machine even our own can still
+        hold the id for a moment ("run ID ... is in use"): tear down again and retry, a few seconds at most."""
+        os.environ.pop("WANDB_SERVICE", None)
         for wait_s in RETRY_WAITS_S:
             _drop_failed_start(wandb)
             time.sleep(wait_s)
