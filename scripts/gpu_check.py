@@ -48,7 +48,7 @@ CIFAR = ["dataset.shape=[3,32,32]", "dataset.num_classes=10", "dataset.crop_padd
          "dataset.eps=8/255", "dataset.pgd_alpha=2/255"]
 # The same code paths at toy size, for --smoke on the CPU.
 TOY = ["dataset.shape=[3,12,12]", "dataset.num_classes=10", "dataset.crop_padding=2", "dataset.flip=true",
-       "dataset.eps=8/255", "dataset.pgd_alpha=2/255", "arch=mnist_net"]
+       "dataset.eps=8/255", "dataset.pgd_alpha=2/255", "arch=bn_cnn"]  # BatchNorm: OAT runs on it too
 PGD10 = ["method=pgd", "method.steps=10"]
 
 # The cost table's settings per method; a method not named here (one added later) runs with its defaults.
