@@ -178,6 +178,7 @@ def test_a_w_and_b_service_inherited_from_the_parent_does_not_block_the_offline_
     WANDB_SERVICE; that service keeps a failed start's run id, so the offline fallback must start its own."""
     import wandb
 
+    wandb.teardown()  # a fresh service of this process's own, which wandb then shares through WANDB_SERVICE
     run = wandb.init(mode="offline", dir=str(tmp_path), project="advtrain-test",
                      settings=wandb.Settings(console="off", silent=True))
     try:

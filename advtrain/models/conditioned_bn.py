@@ -69,8 +69,8 @@ def orthogonal_encoding(n: int, dim: int, seed: int) -> Tensor:
     if n > dim:
         raise ValueError(f"{n} lambdas need an encoding of at least {n} dimensions, not {dim}")
     g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g))
-    return q[:n].contiguous()
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    return q[:n].float().contiguous()  # the checkpoint keeps these very numbers: LAPACK's last bits can vary
 
 
 class FiLMDualBN(Conditional):
