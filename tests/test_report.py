@@ -196,6 +196,25 @@ def test_time_relative_to_pgd_only_against_pgd_of_the_same_setting(tmp_path):
     assert rows[("pgd", "")].time_vs_pgd == 1.0
 
 
+def test_several_pgd_runs_of_one_setting_give_no_ratio_until_baseline_picks_one(tmp_path, capsys):
+    _write(tmp_path / "pgd10", "pgd", 0, 0.9, time_s=100.0, steps=10)
+    _write(tmp_path / "pgd4", "pgd", 0, 0.9, time_s=40.0, steps=4)
+    _write(tmp_path / "gaat", "gaat", 0, 0.9, time_s=20.0)
+    status, out, err = report([tmp_path], capsys)
+    assert status == 0 and "--baseline method.steps=10" in err  # says why the column is empty, and how to fill it
+    assert all(line.endswith("|  |") for line in (tmp_path / "report.md").read_text().splitlines()[2:])
+
+    status, out, err = report([tmp_path, "--baseline", "method.steps=4"], capsys)
+    ratios = {line.split("|")[1].strip() + line.split("|")[4].strip(): line.split("|")[-2].strip()
+              for line in (tmp_path / "report.md").read_text().splitlines()[2:]}
+    assert status == 0 and err == ""
+    assert ratios == {"gaat": "0.50", "pgdmethod.steps=10": "2.50", "pgdmethod.steps=4": "1.00"}
+
+    for bad in ("method.steps=7", "steps=4"):
+        status, _, err = report([tmp_path, "--baseline", bad], capsys)
+        assert status == 2 and err.count("\n") == 1 and bad in err
+
+
 def test_an_evaluation_of_a_checkpoint_is_listed_apart_never_counted_as_a_run(tmp_path, capsys):
     _write(tmp_path / "train", "pgd", 0, 0.90)
     # advtrain-eval's record in its own folder, of the checkpoint trained above (an old one, without "kind")

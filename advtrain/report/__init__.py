@@ -8,7 +8,8 @@ Reads every results.json below PATH and writes into --out (default PATH): report
 std), report.md (the tables as printed) and report.png (robust accuracy against training time, one marker per
 run). A row is one experiment (method, dataset, arch and every setting but the seed; see report/table.py):
 accuracy in % as mean ± std over its runs (seeds), mean training time, passes per example, and training time
-relative to the PGD-AT run (method "pgd") of the same setting. Rows of one method that differ in a setting name
+relative to the PGD-AT run (method "pgd") of the same setting (--baseline picks one where a sweep has several).
+Rows of one method that differ in a setting name
 it in the "setting" column. advtrain-eval's evaluations of checkpoints are listed in a table of their own.
 """
 from __future__ import annotations
@@ -22,7 +23,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from advtrain.report.table import (aggregate, collect, csv_columns, csv_values, default_metric, display_cells,
+from advtrain.report.table import (aggregate, ambiguous_baselines, collect, csv_columns, csv_values, default_metric, display_cells,
                                    display_columns, evaluation_cells, evaluation_columns, expand_views,
                                    is_evaluation, metric_names, write_csv, write_markdown)
 
@@ -72,6 +73,16 @@ def log_to_wandb(args, rows, metrics, metric: str, png: Path) -> None:
         run.finish()
 
 
+def parse_baseline(items: list[str]) -> dict[str, str]:
+    baseline = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("method.") or not value:
+            fail(f"--baseline {item}: expected a method setting as KEY=VALUE, e.g. method.steps=10")
+        baseline[key] = value
+    return baseline
+
+
 def main(argv: list[str]) -> None:
     parser = _OneLineParser(prog=PROG, description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("path", type=Path, metavar="PATH",
@@ -81,6 +92,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--metric", type=str, default=None, metavar="NAME",
                         help="accuracy on the plot's y axis (default: autoattack if any run has it, else the first "
                              "attack in sorted order)")
+    parser.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
+                        help="the PGD-AT run times are relative to, where several share a setting: a method setting "
+                             "as the table's setting column shows it, e.g. method.steps=10 (repeatable)")
     parser.add_argument("--wandb-project", type=str, default=None, metavar="NAME",
                         help="also log the table and plot to a W&B run (job_type report) in this project")
     parser.add_argument("--wandb-entity", type=str, default=None, metavar="E")
@@ -103,7 +117,17 @@ def main(argv: list[str]) -> None:
     evaluations = expand_views([run for run in runs if is_evaluation(run)])
     trained = [run for run in runs if not is_evaluation(run)]
     runs = expand_views(trained)
-    rows = aggregate(runs, metrics)
+    baseline = parse_baseline(args.baseline)
+    rows = aggregate(runs, metrics, baseline)
+    if baseline and not any(row.time_vs_pgd is not None for row in rows if row.method == "pgd"):
+        candidates = sorted({row.differs or "(no differing setting)" for row in rows if row.method == "pgd"})
+        fail(f"--baseline {' '.join(args.baseline)} matches no PGD-AT run here; the PGD-AT runs are: "
+             + ("; ".join(candidates) if candidates else "none"))
+    for same in [] if baseline else ambiguous_baselines(rows):
+        example = same[0].differs.split(", ")[0]
+        print(f"{PROG}: time / PGD-AT left empty: {len(same)} PGD-AT runs share a setting "
+              f"({' | '.join(row.differs for row in same)}); pick the yardstick with --baseline {example}",
+              file=sys.stderr)
     if runs:
         columns = display_columns(metrics, rows)
         print_table(columns, [display_cells(row, metrics, rows) for row in rows],

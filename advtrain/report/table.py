@@ -125,7 +125,10 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None  # stdev: ddof=1
 
 
-def aggregate(runs: list[dict], metrics: list[str]) -> list[Row]:
+def aggregate(runs: list[dict], metrics: list[str], baseline: dict[str, str] | None = None) -> list[Row]:
+    """Rows of `runs`. `baseline` (method key -> value as written, e.g. {"method.steps": "10"}) picks the PGD-AT row
+    that times are relative to where a setting has several (PGD-10 and PGD-4 in one sweep); without it such a
+    setting gets no ratio rather than an arbitrary one."""
     groups = defaultdict(list)
     for run in runs:
         setting, method_settings = experiment(run)
@@ -146,11 +149,27 @@ def aggregate(runs: list[dict], metrics: list[str]) -> list[Row]:
     for row in rows:
         if row.method == "pgd" and not row.view:
             pgd[(row.dataset, row.arch, row.setting)].append(row)
+    for key, same in pgd.items():
+        pgd[key] = [row for row in same if _matches(row, baseline)] if baseline else same
     for row in rows:
         same = pgd.get((row.dataset, row.arch, row.setting), [])
         if len(same) == 1 and same[0].train_time_s:  # several PGD-AT variants (steps) of one setting: no yardstick
             row.time_vs_pgd = row.train_time_s / same[0].train_time_s
     return rows
+
+
+def _matches(row: Row, baseline: dict[str, str]) -> bool:
+    settings = dict(row.method_settings)
+    return all(key in settings and _short(settings[key]) == value for key, value in baseline.items())
+
+
+def ambiguous_baselines(rows: list[Row]) -> list[list[Row]]:
+    """The PGD-AT rows of each setting that has several of them and so no yardstick for "time / PGD-AT"."""
+    pgd = defaultdict(list)
+    for row in rows:
+        if row.method == "pgd" and not row.view:
+            pgd[(row.dataset, row.arch, row.setting)].append(row)
+    return [same for same in pgd.values() if len(same) > 1]
 
 
 def _name_differences(rows: list[Row]) -> None:
