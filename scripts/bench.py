@@ -98,16 +98,22 @@ class _MarkForward(nn.Module):
 
 
 def instrument(ctx, marks: Marks) -> None:
-    """Mark where each update's forward starts and its optimizer step ends."""
+    """Mark where each update's forward starts and where its backward, and the optimizer step, end: ctx.update is
+    backward + step, and a method that accumulates (OATS: a backward per width, one step) calls them itself."""
     ctx.model = _MarkForward(ctx.model, marks)
-    plain_update = ctx.update
+    plain_backward, plain_step = ctx.backward, ctx.step
 
-    def update(loss, inputs=()):
-        grads = plain_update(loss, inputs)
+    def backward(*args, **kwargs):
+        grads = plain_backward(*args, **kwargs)
         marks.mark("update_end")
         return grads
 
-    ctx.update = update
+    def step():
+        marks.mark("update_forward")  # the step is update time too
+        plain_step()
+        marks.mark("update_end")
+
+    ctx.backward, ctx.step = backward, step
 
 
 @contextmanager

@@ -134,7 +134,7 @@ def plan(out: Path, smoke: bool) -> list[Step]:
              [Command([*bench, "--no-reference", "--json", str(raw / "wrn.json"), *PGD10, *data,
                        *([] if smoke else ["arch=wrn34_10", "trainer.batch_size=128"]),
                        *(batch if smoke else [])], raw / "wrn.json")]),
-        Step("costs", "Every method on PreActResNet-18 at CIFAR shape, side by side", 120, [
+        Step("costs", "Every method on PreActResNet-18 at CIFAR shape, side by side", 150, [
             Command([py, "-m", "advtrain", "dataset=synthetic", *data, *preact, *batch, "method=natural",
                      "trainer.epochs=1", f"dataset.n_train={16 if smoke else 512}", "dataset.n_test=16", "attack=[]",
                      "logger=none", "trainer.progress=off", "resume=never", f"hydra.run.dir={out / 'teacher'}"]),

@@ -147,8 +147,9 @@ def mnist_teacher(tmp_path, mnist_root) -> Path:
     return run_dir / "checkpoints" / "last.pt"
 
 
-# What a method needs besides its defaults: OAT conditions BatchNorm (mnist_net has none), RRM a teacher.
-NEEDS = {"oat": lambda teacher: ["arch=bn_cnn"], "rrm": lambda teacher: [f"method.teacher={teacher}"]}
+# What a method needs besides its defaults: OAT and OATS condition BatchNorm (mnist_net has none), RRM a teacher.
+NEEDS = {"oat": lambda teacher: ["arch=bn_cnn"], "oats": lambda teacher: ["arch=bn_cnn"],
+         "rrm": lambda teacher: [f"method.teacher={teacher}"]}
 
 
 @pytest.mark.slow

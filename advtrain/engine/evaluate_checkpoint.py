@@ -14,7 +14,7 @@ from advtrain.engine.network import model_from_checkpoint
 from advtrain.engine.evaluate import evaluate_views
 from advtrain.engine.loop import LoopState
 from advtrain.engine.precision import resolve_runtime
-from advtrain.engine.results import build_results, write_results
+from advtrain.engine.results import build_results, view_flops, write_results
 from advtrain.logging import console as con
 
 
@@ -46,7 +46,7 @@ def evaluate_checkpoint(cfg, run_dir: Path) -> dict:
     record = OmegaConf.merge(saved, {"dataset": checked.dataset, "attack": checked.attack, "eval": checked.eval})
     results = build_results(record, loop, float(state["counter"]["total"]), data.train.n_examples, scores, rt,
                             checkpoint=str(cfg.checkpoint), world_size=int(state.get("world_size", 1)), kind="eval",
-                            warnings=warnings)
+                            warnings=warnings, flops=view_flops(method.eval_views()))
     write_results(results, run_dir / "results.json")
     con.print_results(results)
     con.console.print(f"results: {run_dir / 'results.json'}")

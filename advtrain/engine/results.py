@@ -40,13 +40,14 @@ def device_name(device: torch.device) -> str:
 
 def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, checkpoint: str,
                   world_size: int = 1, kind: str = "train", warnings: list[str] = (),
-                  companions: dict[str, dict] | None = None) -> dict[str, Any]:
+                  companions: dict[str, dict] | None = None, flops: dict[str, int] | None = None) -> dict[str, Any]:
     """`passes`: example-passes spent in training, summed over all ranks. `scores`: view name -> scores (one
     unnamed view for most methods). `kind`: "train" for a training run's own record, "eval" for advtrain-eval's
     evaluation of a checkpoint (advtrain-report never counts one as a run).
 
     "eval" holds the (first) view's scores, as scripts read them; a method with named views (OAT's lambdas) also gets
-    "views": {name: scores}."""
+    "views": {name: scores}; `flops` (views whose forward cost differs, OATS' widths) is kept as
+    "flops": {name: multiply-adds}."""
     from omegaconf import OmegaConf
 
     examples = n_train * max(state.epoch, 1)
@@ -63,6 +64,7 @@ def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, che
             "train_time_with_companions_s": state.train_time_s + sum(c["train_time_s"] for c in companions.values())}
            if companions else {}),
         **({"views": dict(scores)} if list(scores) != [""] else {}),
+        **({"flops": dict(flops)} if flops else {}),
         # The evaluation's own doubts (AutoAttack's reliability checks): a number to read with care.
         "eval_warnings": list(warnings),
         "device": device_name(rt.device), "world_size": world_size, "precision": rt.precision,
@@ -74,6 +76,11 @@ def build_results(cfg, state, passes: float, n_train: int, scores: dict, rt, che
         # experiment agrees.
         "config": OmegaConf.to_container(cfg, resolve=True),
     }
+
+
+def view_flops(views) -> dict[str, int]:
+    """The views' forward multiply-adds where a method states them (OATS' widths), else nothing."""
+    return {view.name: view.flops for view in views if view.flops is not None}
 
 
 def attack_suite(cfg) -> dict:

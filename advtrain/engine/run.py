@@ -23,7 +23,7 @@ from advtrain.engine.loop import LoopState, run_epochs
 from advtrain.engine.network import build_network, model_from_checkpoint, model_spec
 from advtrain.engine.optim import build_optimizer
 from advtrain.engine.precision import Runtime, resolve_runtime, rng_state, seed_everything
-from advtrain.engine.results import build_results, write_results
+from advtrain.engine.results import build_results, view_flops, write_results
 from advtrain.engine.signals import stop_at_once
 from advtrain.errors import CheckpointError, ConfigError
 from advtrain.attacks import PassCounter
@@ -116,7 +116,7 @@ def _train(cfg, dist: Dist, device_index: int, stops, ckpts: Checkpoints) -> dic
         (passes,) = dist.sum([counter.total])
         results = build_results(cfg, state, passes, data.train.n_examples, scores, rt,
                                 checkpoint=str(ckpts.last_path), world_size=dist.world_size, warnings=warnings,
-                                companions=parts.companion_records)
+                                companions=parts.companion_records, flops=view_flops(method.eval_views()))
         if dist.is_main:
             with ckpts.reporting_full_disk(ckpts.results_path):
                 write_results(results, ckpts.results_path)

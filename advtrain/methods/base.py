@@ -44,9 +44,11 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class View:
     """One setting a trained model is evaluated in: a name (metric names and results.json's "views" use it) and the
-    condition that gives it (None: the plain model)."""
+    condition that gives it (None: the plain model); `flops`, its forward's multiply-adds, where views differ in cost
+    (OATS' widths: results.json keeps them beside the accuracies)."""
     name: str
     cond: Any = None
+    flops: int | None = None
 
 
 class Method:

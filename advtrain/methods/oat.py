@@ -78,31 +78,33 @@ class OAT(Method):
         return values[torch.randperm(n, generator=self.generator)]
 
     def train_step(self, batch, ctx):
-        c, x, y = self.cfg, batch.x, batch.y
-        values = self.sample(len(y))
+        loss, clean = self.loss(ctx, batch.x, batch.y, self.sample(len(batch.y)))
+        ctx.update(loss)
+        return {"loss": loss.detach(), "acc": accuracy(clean, batch.y)}
+
+    def loss(self, ctx, x, y, values, condition=lambda lam: lam, counter=None):
+        """(the batch's OAT loss at the given lambdas, the clean logits), its passes counted on `counter` (default
+        ctx.counter). `condition` turns the Lambdas of a forward into the model's condition (OATS adds a width)."""
+        c, counter = self.cfg, ctx.counter if counter is None else counter
         lam = Lambdas.of(values, self.lambdas, x.device)
         adv_rows = lam.other
         weights = values.to(x.device)
         if adv_rows is None:  # every example at lambda = 0: a clean step
-            logits = ctx.model(x, cond=lam)
-            loss = F.cross_entropy(logits.float(), y)
-            ctx.update(loss)
-            ctx.counter.add(len(y), 1)
-            return {"loss": loss.detach(), "acc": accuracy(logits, y)}
+            logits = ctx.model(x, cond=condition(lam))
+            counter.add(len(y), 1)
+            return F.cross_entropy(logits.float(), y), logits
         x_rows, y_rows = x.index_select(0, adv_rows), y.index_select(0, adv_rows)
         adv_lam = Lambdas.of(values[values > 0], self.lambdas, x.device)
-        x_adv = pgd(bind(ctx.attack_model, adv_lam), x_rows, y_rows, eps=c.eps, alpha=c.alpha, steps=c.steps,
-                    start=c.start, bn=c.bn, counter=ctx.counter)
+        x_adv = pgd(bind(ctx.attack_model, condition(adv_lam)), x_rows, y_rows, eps=c.eps, alpha=c.alpha,
+                    steps=c.steps, start=c.start, bn=c.bn, counter=counter)
         joint = Lambdas.of(torch.cat([values, values[values > 0]]), self.lambdas, x.device)
-        logits = ctx.model(torch.cat([x, x_adv]), cond=joint).float()
+        logits = ctx.model(torch.cat([x, x_adv]), cond=condition(joint)).float()
         clean, adv = logits[: len(y)], logits[len(y):]
         ce_clean = F.cross_entropy(clean, y, reduction="none")
         ce_adv = torch.zeros_like(ce_clean).index_copy(0, adv_rows, F.cross_entropy(adv, y_rows, reduction="none"))
-        loss = ((1 - weights) * ce_clean + weights * ce_adv).mean()
-        ctx.update(loss)
-        ctx.counter.add(len(y), 1)
-        ctx.counter.add(len(y_rows), 1)
-        return {"loss": loss.detach(), "acc": accuracy(clean, y)}
+        counter.add(len(y), 1)
+        counter.add(len(y_rows), 1)
+        return ((1 - weights) * ce_clean + weights * ce_adv).mean(), clean
 
     def eval_views(self):
         return [View(f"lambda={v:g}", FixedLambda(v, self.lambdas)) for v in self.lambdas]

@@ -16,6 +16,7 @@ from torch import nn
 
 from .classifier import (Bound, Classifier, Conditional, Normalize, bind, count_parameters, find_head,
                          replace_modules, unwrap)
+from .flops import forward_flops
 from .preact_resnet import preact_resnet
 from .resnet import resnet
 from .small_cnns import bn_cnn, madry_cnn, mnist_net, trades_smallcnn
@@ -23,7 +24,7 @@ from .wide_resnet import wide_resnet
 
 __all__ = [
     "ARCHS", "Bound", "Classifier", "Conditional", "Normalize", "bind", "build_model", "count_parameters",
-    "find_head", "replace_modules", "unwrap",
+    "find_head", "forward_flops", "replace_modules", "unwrap",
 ]
 
 ARCHS: dict[str, Callable[..., tuple[nn.Module, nn.Linear]]] = {

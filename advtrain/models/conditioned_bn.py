@@ -73,8 +73,23 @@ def orthogonal_encoding(n: int, dim: int, seed: int) -> Tensor:
     return q[:n].float().contiguous()  # the checkpoint keeps these very numbers: LAPACK's last bits can vary
 
 
+def film_mlp(encoding_dim: int, channels: int) -> nn.Sequential:
+    """The authors' FiLM_Layer: lambda's encoding -> (mu, sigma), a scale and a shift per channel."""
+    return nn.Sequential(nn.Linear(encoding_dim, 2 * channels), nn.LeakyReLU(), nn.Linear(2 * channels, 2 * channels))
+
+
+def modulate(x: Tensor, film_out: Tensor) -> Tensor:
+    """x * leaky_relu(mu) + leaky_relu(sigma) over x's channels, the FiLM output's first ones (OATS' narrower
+    widths read the first channels of the full-width FiLM, as the authors' sliced FiLM layers)."""
+    mu, sigma = film_out.chunk(2, dim=1)
+    c = x.shape[1]
+    return x * F.leaky_relu(mu[:, :c])[:, :, None, None] + F.leaky_relu(sigma[:, :c])[:, :, None, None]
+
+
 class FiLMDualBN(Conditional):
-    def __init__(self, bn: nn.BatchNorm2d, lambdas: Sequence[float], encoding: Tensor):
+    """`film=False`: the dual BN alone (OATS' per-width BNs, which share one FiLM across widths)."""
+
+    def __init__(self, bn: nn.BatchNorm2d, lambdas: Sequence[float], encoding: Tensor, film: bool = True):
         super().__init__()
         channels = bn.num_features
 
@@ -87,8 +102,7 @@ class FiLMDualBN(Conditional):
         self.bn_clean, self.bn_adv = copy_of(bn), copy_of(bn)
         self.register_buffer("lambdas", torch.tensor([float(v) for v in lambdas]))
         self.register_buffer("encoding", encoding.clone())
-        self.film = nn.Sequential(nn.Linear(encoding.shape[1], 2 * channels), nn.LeakyReLU(),
-                                  nn.Linear(2 * channels, 2 * channels))
+        self.film = film_mlp(encoding.shape[1], channels) if film else None
 
     def forward(self, x: Tensor) -> Tensor:
         lam = self.condition
@@ -103,5 +117,6 @@ class FiLMDualBN(Conditional):
             out = torch.empty_like(x)
             out[lam.clean] = self.bn_clean(x.index_select(0, lam.clean))
             out[lam.other] = self.bn_adv(x.index_select(0, lam.other))
-        mu, sigma = self.film(self.encoding[lam.index].to(x.dtype)).chunk(2, dim=1)
-        return out * F.leaky_relu(mu)[:, :, None, None] + F.leaky_relu(sigma)[:, :, None, None]
+        if self.film is None:
+            return out
+        return modulate(out, self.film(self.encoding[lam.index].to(x.dtype)))
