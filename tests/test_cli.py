@@ -218,6 +218,32 @@ def test_a_corrupt_last_checkpoint_under_resume_auto_says_how_to_go_on(tmp_path,
     advtrain.load_model(run_dir / "checkpoints" / "last.pt")
 
 
+def test_a_checkpoint_from_before_a_method_knob_existed_resumes_at_its_default(tmp_path):
+    from omegaconf import OmegaConf
+
+    from advtrain.engine.checkpoint import load_checkpoint, save_checkpoint
+
+    run_dir = tmp_path / "run"
+    first = run_cli([*TINY, "method=pgd", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert first.returncode == 0, first.stderr
+    last = run_dir / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    config = OmegaConf.create(state["config"])
+    del config.method.adv_weight  # as written by a version without the knob
+    state["config"] = OmegaConf.to_yaml(config)
+    save_checkpoint({k: v for k, v in state.items() if k != "format"}, last)
+    (run_dir / "results.json").unlink()  # trained, not yet evaluated: a rerun resumes into the evaluation
+
+    changed = run_cli([*TINY, "method=pgd", "method.adv_weight=0.5", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert changed.returncode == 2 and changed.stderr.strip().count("\n") == 0, changed.stderr
+    assert "trained with method.adv_weight=1.0, this run has method.adv_weight=0.5" in changed.stderr
+
+    resumed = run_cli([*TINY, "method=pgd", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert json.loads((run_dir / "results.json").read_text())["epochs_run"] == 2
+
+
 def test_fp16_on_the_cpu_warns_in_one_line_and_trains(tmp_path):
     proc = run_cli([*TINY, "trainer.epochs=1", "trainer.precision=fp16", f"hydra.run.dir={tmp_path / 'run'}"],
                    cwd=tmp_path)

@@ -126,3 +126,48 @@ def test_oat_on_two_gloo_ranks_with_no_lambda_zero_example(tmp_path):
     assert proc.returncode == 0, proc.stderr  # BN_clean has no gradient in any step: DDP was told
     results = json.loads((run_dir / "results.json").read_text())
     assert results["world_size"] == 2 and len(results["views"]) == len(LAMBDAS)
+
+
+def _pgd_step(overrides: list[str], model, batch):
+    from conftest import make_context
+
+    method = build_method(checked([*TINY, *overrides]).method, type("Info", (), {"num_classes": 4})())
+    ctx = make_context(model)
+    method.setup(ctx)
+    torch.manual_seed(3)
+    method.train_step(batch, ctx)
+    return ctx.counter.total / len(batch.y)
+
+
+def test_the_fixed_lambda_baseline_is_pgd_at_with_a_weighted_clean_term():
+    """method=pgd method.adv_weight=lambda: the dedicated model OAT's paper holds each of its lambdas against."""
+    import copy
+
+    from torch import nn
+    from torch.nn import functional as F
+
+    from advtrain.data.loader import Batch
+    from advtrain.errors import ConfigError
+    from conftest import make_context
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(144, 4))
+    batch = Batch(torch.rand(16, 1, 12, 12), torch.randint(0, 4, (16,)), torch.arange(16), None, None)
+    natural, zero = copy.deepcopy(model), copy.deepcopy(model)
+    assert _pgd_step(["method=natural"], natural, batch) == _pgd_step(
+        ["method=pgd", "method.adv_weight=0"], zero, batch) == 1.0  # lambda = 0: no attack at all
+    assert all(torch.equal(a, b) for a, b in zip(natural.parameters(), zero.parameters()))
+
+    half, expected = copy.deepcopy(model), copy.deepcopy(model)
+    steps = checked([*TINY, "method=pgd"]).method.steps
+    assert _pgd_step(["method=pgd", "method.adv_weight=0.3"], half, batch) == steps + 2
+    method = build_method(checked([*TINY, "method=pgd"]).method, type("Info", (), {"num_classes": 4})())
+    ctx = make_context(expected)
+    torch.manual_seed(3)
+    x_adv = method.attack(ctx, batch.x, batch.y, start="uniform")
+    loss = 0.7 * F.cross_entropy(expected(batch.x), batch.y) + 0.3 * F.cross_entropy(expected(x_adv), batch.y)
+    ctx.update(loss)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(half.parameters(), expected.parameters()))
+
+    with pytest.raises(ConfigError, match=r"method.adv_weight=1.5: expected a weight in \[0, 1\]"):
+        build_method(checked([*TINY, "method=pgd", "method.adv_weight=1.5"]).method, None)

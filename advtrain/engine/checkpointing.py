@@ -19,7 +19,8 @@ from advtrain.engine.distributed import Dist
 from advtrain.engine.loop import LoopState
 from advtrain.engine.precision import set_rng_state
 from advtrain.engine.results import eval_settings
-from advtrain.errors import CheckpointError
+from advtrain.errors import CheckpointError, ConfigError
+from advtrain.methods import method_class
 from advtrain.schema import trajectory_keys
 
 
@@ -58,10 +59,13 @@ class Checkpoints:
                                   f"has {world_size}; resume with trainer.devices={written_by}")
         saved = OmegaConf.create(state["config"])
         for key in trajectory_keys():  # the schema marks them: a checkpoint resumes only where they all agree
-            ours, theirs = OmegaConf.select(cfg, key), OmegaConf.select(saved, key)
-            if _plain(ours) != _plain(theirs):
-                raise CheckpointError(f"cannot resume from {path}: it was trained with {key}={_plain(theirs)}, this "
-                                      f"run has {key}={_plain(ours)}; use a new run directory or resume=never")
+            ours, theirs = _plain(OmegaConf.select(cfg, key)), _plain(OmegaConf.select(saved, key))
+            if key == "method" and isinstance(ours, dict) and isinstance(theirs, dict):
+                theirs = {**{k: v for k, v in _added_since(ours).items() if k in ours}, **theirs}
+            if ours != theirs:
+                name, theirs, ours = _first_difference(key, theirs, ours)
+                raise CheckpointError(f"cannot resume from {path}: it was trained with {name}={theirs}, this "
+                                      f"run has {name}={ours}; use a new run directory or resume=never")
         self.newest = describe(path, state["loop"])
         return state
 
@@ -125,6 +129,33 @@ class Checkpoints:
 def describe(path: Path, loop: dict[str, Any]) -> str:
     where = f"epoch {loop['epoch'] + 1}, batch {loop['batch']}" if loop["batch"] else f"after epoch {loop['epoch']}"
     return f"{path} ({'finished' if loop.get('finished') else where})"
+
+
+def _added_since(section: dict) -> dict:
+    """The method settings a checkpoint written before they existed ran with: each field's default (a knob added
+    later defaults to the behaviour before it). Only these fill in what an older checkpoint's config lacks."""
+    from dataclasses import MISSING, fields
+
+    try:
+        config = method_class(section).Config
+    except ConfigError:
+        return {}
+    defaults = {}
+    for f in fields(config):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if default is not MISSING:
+            defaults[f.name] = default
+    return defaults
+
+
+def _first_difference(key: str, theirs, ours) -> tuple[str, Any, Any]:
+    """The first key where two sections differ ("method.adv_weight"), with both values; the section itself where
+    it is no mapping or the method differs."""
+    if isinstance(theirs, dict) and isinstance(ours, dict) and theirs.get("name") == ours.get("name"):
+        for k in [*ours, *(k for k in theirs if k not in ours)]:
+            if ours.get(k, "<absent>") != theirs.get(k, "<absent>"):
+                return f"{key}.{k}", theirs.get(k, "<absent>"), ours.get(k, "<absent>")
+    return key, theirs, ours
 
 
 def _plain(value):
