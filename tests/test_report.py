@@ -215,6 +215,22 @@ def test_several_pgd_runs_of_one_setting_give_no_ratio_until_baseline_picks_one(
         assert status == 2 and err.count("\n") == 1 and bad in err
 
 
+def test_views_that_differ_in_cost_show_their_forward_flops(tmp_path, capsys):
+    views = {"width=1,lambda=0": {"n": 100, "clean": 0.9, "pgd20": 0.1},
+             "width=0.5,lambda=0": {"n": 100, "clean": 0.8, "pgd20": 0.1}}
+    _write(tmp_path / "oats", "oats", 0, 0.9, views=views, flops={"width=1,lambda=0": 627_000,
+                                                                    "width=0.5,lambda=0": 183_000})
+    _write(tmp_path / "pgd", "pgd", 0, 0.9)
+    status, out, _ = report([tmp_path], capsys)
+    lines = (tmp_path / "report.md").read_text().splitlines()
+    assert status == 0 and "forward MMAC" in lines[0]
+    column = lines[0].split("|").index(" forward MMAC ")
+    assert {line.split("|")[1].strip(): line.split("|")[column].strip() for line in lines[2:]} == {
+        "oats [width=1,lambda=0]": "0.627", "oats [width=0.5,lambda=0]": "0.183", "pgd": ""}
+    with (tmp_path / "report.csv").open() as f:
+        assert sorted(r["forward_macs"] for r in csv.DictReader(f)) == ["", "183000", "627000"]
+
+
 def test_an_evaluation_of_a_checkpoint_is_listed_apart_never_counted_as_a_run(tmp_path, capsys):
     _write(tmp_path / "train", "pgd", 0, 0.90)
     # advtrain-eval's record in its own folder, of the checkpoint trained above (an old one, without "kind")

@@ -84,7 +84,9 @@ def expand_views(runs: list[dict]) -> list[dict]:
     for run in runs:
         views = run.get("views")
         if isinstance(views, dict) and views:
-            out += [{**run, "eval": scores, "view": name} for name, scores in views.items()]
+            flops = run.get("flops") if isinstance(run.get("flops"), dict) else {}
+            out += [{**run, "eval": scores, "view": name, "view_flops": flops.get(name)}
+                    for name, scores in views.items()]
         else:
             out.append(run)
     return out
@@ -115,6 +117,7 @@ class Row:
     differs: str = ""  # what sets this row apart from the other rows of its method, e.g. "dataset.eps=0.1"
     view: str = ""     # the evaluation view (a method with several: OAT's lambdas), else ""
     time_with_companions_s: float | None = None  # mean, the frozen companions' training included (RRM's teacher)
+    flops: float | None = None  # the view's forward multiply-adds per example, where views differ in cost (OATS)
     setting: tuple = field(default=(), repr=False)
     method_settings: tuple = field(default=(), repr=False)
 
@@ -139,11 +142,13 @@ def aggregate(runs: list[dict], metrics: list[str], baseline: dict[str, str] | N
     for (dataset, arch, method, setting, method_settings, view), group in sorted(groups.items()):
         acc = {m: _mean_std([100 * r["eval"][m] for r in group if r["eval"].get(m) is not None]) for m in metrics}
         with_companions = [r.get("train_time_with_companions_s", r["train_time_s"]) for r in group]
+        flops = [r["view_flops"] for r in group if isinstance(r.get("view_flops"), (int, float))]
         rows.append(Row(method, dataset, arch, len(group), acc,
                         statistics.mean(r["train_time_s"] for r in group),
                         statistics.mean(r["passes_per_example"] for r in group),
                         setting=setting, method_settings=method_settings, view=view,
-                        time_with_companions_s=statistics.mean(with_companions)))
+                        time_with_companions_s=statistics.mean(with_companions),
+                        flops=statistics.mean(flops) if flops else None))
     _name_differences(rows)
     pgd = defaultdict(list)
     for row in rows:
@@ -197,13 +202,13 @@ def _short(value: str | None) -> str:
 def csv_columns(metrics: list[str]) -> list[str]:
     acc = [f"{m}_{stat}_pct" for m in metrics for stat in ("mean", "std")]
     return ["method", "dataset", "arch", "runs", *acc, "train_time_s", "passes_per_example", "time_vs_pgd", "view",
-            "setting", "train_time_with_companions_s"]
+            "setting", "train_time_with_companions_s", "forward_macs"]
 
 
 def csv_values(row: Row, metrics: list[str]) -> list:
     acc = [value for m in metrics for value in row.acc_pct[m]]
     return [row.method, row.dataset, row.arch, row.runs, *acc, row.train_time_s, row.passes_per_example,
-            row.time_vs_pgd, row.view, row.differs, row.time_with_companions_s]
+            row.time_vs_pgd, row.view, row.differs, row.time_with_companions_s, row.flops]
 
 
 def write_csv(rows: list[Row], metrics: list[str], path: Path) -> None:
@@ -216,8 +221,13 @@ def write_csv(rows: list[Row], metrics: list[str], path: Path) -> None:
 # For people: the console table and report.md show the same cells; the setting column only where rows differ.
 def display_columns(metrics: list[str], rows: list[Row]) -> list[str]:
     setting = ["setting"] if any(row.differs for row in rows) else []
-    return ["method", "dataset", "arch", *setting, "runs", *[f"{m} (%)" for m in metrics], "train time (s)",
+    return ["method", "dataset", "arch", *setting, "runs", *[f"{m} (%)" for m in metrics],
+            *(["forward MMAC"] if _has_flops(rows) else []), "train time (s)",
             *(["with companions (s)"] if _has_companions(rows) else []), "passes/example", "time / PGD-AT"]
+
+
+def _has_flops(rows: list[Row]) -> bool:
+    return any(r.flops is not None for r in rows)
 
 
 def _has_companions(rows: list[Row]) -> bool:
@@ -231,8 +241,9 @@ def display_cells(row: Row, metrics: list[str], rows: list[Row]) -> list[str]:
     setting = [row.differs] if any(r.differs for r in rows) else []
     method = f"{row.method} [{row.view}]" if row.view else row.method
     companions = [f"{row.time_with_companions_s:.1f}"] if _has_companions(rows) else []
+    flops = (["" if row.flops is None else f"{row.flops / 1e6:.3g}"] if _has_flops(rows) else [])
     return [method, row.dataset, row.arch, *setting, str(row.runs), *[pm(*row.acc_pct[m]) for m in metrics],
-            f"{row.train_time_s:.1f}", *companions, f"{row.passes_per_example:.2f}",
+            *flops, f"{row.train_time_s:.1f}", *companions, f"{row.passes_per_example:.2f}",
             "" if row.time_vs_pgd is None else f"{row.time_vs_pgd:.2f}"]
 
 
