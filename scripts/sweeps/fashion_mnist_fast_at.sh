@@ -27,6 +27,6 @@ for seed in 0 1 2; do  # seed by seed: a sweep cut short still compares every me
   run $seed gaat method=gaat
   run $seed gaat_no_approx method=gaat method.approx=false
   run $seed gaat_no_carry method=gaat method.carry=false
-  run $seed pgd4 method=pgd method.steps=4 method.alpha=0.05              # step eps/2: the attack GAAT reduces to
+  run $seed pgd4 method=pgd method.steps=4 method.alpha=0.05              # step eps/2: 4 exact gradients as GAAT, no approximation, no carry
 done
 advtrain-report "$OUT"
