@@ -461,3 +461,5 @@ def test_evaluation_records_autoattack_warnings_and_its_breakdown(trained):
     assert {'aa/apgd-ce', 'aa/apgd-t', 'aa/fab-t', 'aa/square'} <= set(scores)
     assert scores['aa/square'] == scores['aa'] < scores['aa/apgd-ce'] <= scores['clean']
     assert len(warnings) == len(set(warnings)) and any('Square Attack' in w for w in warnings)  # once each
+    # AutoAttack's percentages are those of the batch it checked (16 of the 32 here): the warning says so.
+    assert all(w.startswith('aa, on an evaluation batch of 16 examples: ') for w in warnings)

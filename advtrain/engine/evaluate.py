@@ -74,7 +74,11 @@ def _evaluate(model, view: str, evalset, attacks, n, batch_size, on_progress, di
             counts[name] += int((attack(model, x, y) & clean).sum())
             for part, robust in getattr(attack, "robust_after", {}).items():
                 counts[f"{name}/{part}"] += robust
-            found.extend(w for w in getattr(attack, "warnings", ()) if w not in found)
+            # AutoAttack checks each batch it is given, so its percentages are the batch's: say so. The whole
+            # evaluation's accuracy after each of its attacks is in the scores ("<name>/square", ...).
+            labelled = (f"{name}, on an evaluation batch of {len(y)} examples: {w}"
+                        for w in getattr(attack, "warnings", ()))
+            found.extend(w for w in labelled if w not in found)
         total += len(y)
         if on_progress:
             accs = ", ".join(f"{k} {v / total:.4f}" for k, v in counts.items() if "/" not in k)
