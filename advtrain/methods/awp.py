@@ -17,14 +17,13 @@ update's gradient is averaged as usual, so the replicas stay identical.
 """
 from contextlib import contextmanager
 from dataclasses import dataclass
-from types import SimpleNamespace
 from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from advtrain.methods.base import Method, accuracy
+from advtrain.methods.base import Method, accuracy, config_of
 from advtrain.methods.pgd import PGDAT
 from advtrain.methods.trades import TRADES, trades_terms
 from advtrain.schema import MethodConfig, choice, pixel
@@ -139,11 +138,11 @@ class AWP(Method):
 
 
 def _base(cfg, info) -> Method:
-    """The base method, built from AWP's settings."""
+    """The base method, built from AWP's settings; every other setting of the base at its own default (a knob the
+    base gains later is then simply at its default here)."""
     if cfg.base == "trades":
-        fields = dict(eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, beta=cfg.beta, init_std=cfg.init_std,
-                      bn=cfg.bn, forward="auto", steps_schedule="none", gamma=1.01)
-        return TRADES(SimpleNamespace(name="trades", **fields), info)
-    fields = dict(eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, start=cfg.start, bn=cfg.bn,
-                  steps_schedule="none", gamma=1.01)
-    return PGDAT(SimpleNamespace(name="pgd", **fields), info)
+        return TRADES(config_of(TRADES, name="trades", eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, beta=cfg.beta,
+                                init_std=cfg.init_std, bn=cfg.bn, forward="auto"), info)
+    return PGDAT(config_of(PGDAT, name="pgd", eps=cfg.eps, alpha=cfg.alpha, steps=cfg.steps, start=cfg.start,
+                           bn=cfg.bn), info)
+

@@ -24,7 +24,7 @@ else: data, precision, LR, timing, checkpoints, logging. The contract covers the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import MISSING, dataclass, fields
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Mapping
 
@@ -174,6 +174,17 @@ class StepsMethod(Method):
         if self.schedule is not None:
             self.schedule.load_state_dict(state["schedule"])
             self.grad_mag.load_state_dict(state["G"])
+
+
+def config_of(method: type, **values) -> SimpleNamespace:
+    """A settings object for `method` built inside another method (AWP's base, RAT's TRADES): `values`, and every
+    other field at its Config's default, so a knob the inner method gains later is simply at its default."""
+    defaults = {}
+    for f in fields(method.Config):
+        default = f.default_factory() if f.default_factory is not MISSING else f.default
+        if default is not MISSING:
+            defaults[f.name] = default
+    return SimpleNamespace(**{**defaults, **values})
 
 
 def cross_entropy_update(ctx: MethodContext, x: Tensor, y: Tensor) -> dict[str, Tensor]:

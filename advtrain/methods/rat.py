@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from advtrain.methods.awp import GAMMA, WARMUP_EPOCHS, WeightPerturbation
-from advtrain.methods.base import Method, accuracy
+from advtrain.methods.base import Method, accuracy, config_of
 from advtrain.methods.trades import TRADES, trades_terms
 from advtrain.schema import MethodConfig, choice, pixel
 
@@ -79,10 +79,7 @@ class RAT(Method):
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
         trades = {k: getattr(cfg, k) for k in ("eps", "alpha", "steps", "beta", "init_std", "bn")}
-        from types import SimpleNamespace
-
-        self.trades = TRADES(SimpleNamespace(name="trades", forward="auto", steps_schedule="none", gamma=1.01,
-                                             **trades), info)
+        self.trades = TRADES(config_of(TRADES, name="trades", forward="auto", **trades), info)
         self.c = cfg.smoothing if cfg.smoothing is not None else smoothing_mass(info.num_classes)
         self.awp = cfg.base == "awp_trades"
         self.warmup = (cfg.warmup_epochs if cfg.warmup_epochs is not None else WARMUP_EPOCHS["trades"]) \
