@@ -21,6 +21,7 @@ from advtrain.engine.precision import set_rng_state
 from advtrain.engine.results import eval_settings
 from advtrain.errors import CheckpointError, ConfigError
 from advtrain.methods import method_class
+from advtrain.methods.base import config_of
 from advtrain.schema import trajectory_keys
 
 
@@ -134,18 +135,10 @@ def describe(path: Path, loop: dict[str, Any]) -> str:
 def _added_since(section: dict) -> dict:
     """The method settings a checkpoint written before they existed ran with: each field's default (a knob added
     later defaults to the behaviour before it). Only these fill in what an older checkpoint's config lacks."""
-    from dataclasses import MISSING, fields
-
     try:
-        config = method_class(section).Config
+        return vars(config_of(method_class(section)))
     except ConfigError:
         return {}
-    defaults = {}
-    for f in fields(config):
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        if default is not MISSING:
-            defaults[f.name] = default
-    return defaults
 
 
 def _first_difference(key: str, theirs, ours) -> tuple[str, Any, Any]:
