@@ -4,7 +4,6 @@ no lambda = 0 example, load_model per view."""
 from __future__ import annotations
 
 import json
-import signal
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from advtrain.engine.evaluate import evaluate_views
 from advtrain.methods import build_method
 from advtrain.models import bind, build_model
 from advtrain.models.conditioned_bn import FiLMDualBN, FixedLambda, Lambdas, orthogonal_encoding
-from conftest import TINY, checked, interrupt_after, run_cli
+from conftest import assert_resume_equals_straight, TINY, checked, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)
@@ -107,15 +106,7 @@ def test_the_encoding_travels_in_the_checkpoint_and_views_load(oat_run):
 @pytest.mark.slow
 def test_a_resumed_oat_run_equals_an_uninterrupted_one(tmp_path):
     args = [*OAT, "trainer.epochs=3", "trainer.deterministic=true", "trainer.log_every_s=0"]
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    stopped = interrupt_after([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path, "epoch 2/3 batch 3/")
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path)
-    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_equals_straight(args, tmp_path, "epoch 2/3 batch 3/")
 
 
 @pytest.mark.slow

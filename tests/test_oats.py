@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import signal
 from types import SimpleNamespace
 
 import pytest
@@ -20,7 +19,7 @@ from advtrain.methods import build_method
 from advtrain.models import bind, build_model, forward_flops
 from advtrain.models.conditioned_bn import FixedLambda, Lambdas
 from advtrain.models.slimmable import FixedSlim, Slim, SlimConv2d, SlimFiLMDualBN, SlimLinear
-from conftest import TINY, checked, interrupt_after, make_context, run_cli
+from conftest import assert_resume_equals_straight, TINY, checked, make_context, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)
@@ -196,12 +195,4 @@ def test_a_run_writes_every_view_with_its_flops_and_its_views_load(tmp_path):
 def test_a_resumed_oats_run_equals_an_uninterrupted_one(tmp_path):
     args = [*OATS, "trainer.epochs=2", "dataset.n_train=256", "method.steps=2", "attack=[]",
             "trainer.deterministic=true", "trainer.log_every_s=0"]
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    stopped = interrupt_after([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path, "epoch 2/2 batch 2/")
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path)
-    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_equals_straight(args, tmp_path, "epoch 2/2 batch 2/")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import json
-import signal
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from advtrain.data import Batch
 from advtrain.methods import build_method
 from advtrain.methods.awp import WeightPerturbation
 from advtrain.methods.rat import last_layer_row_sums, smoothing_mass, smoothing_targets
-from conftest import TINY, checked, interrupt_after, make_context, run_cli
+from conftest import assert_resume_equals_straight, TINY, checked, make_context, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -93,15 +92,7 @@ def test_rat_without_its_taylor_terms_is_trades():
                                     ["method=rat", "method.base=awp_trades", "method.warmup_epochs=1"]])
 def test_resumed_runs_equal_uninterrupted_ones(method, tmp_path):
     args = [*TINY, *method, "trainer.epochs=3", "trainer.deterministic=true", "trainer.log_every_s=0"]
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    stopped = interrupt_after([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path, "epoch 2/3 batch 3/")
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path)
-    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr
-    a = torch.load(tmp_path / "straight" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    b = torch.load(tmp_path / "resumed" / "checkpoints" / "last.pt", weights_only=True)["model"]
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_equals_straight(args, tmp_path, "epoch 2/3 batch 3/")
 
 
 @pytest.mark.slow

@@ -4,7 +4,6 @@ line; the cost counts the teacher's forward and results.json both training times
 from __future__ import annotations
 
 import json
-import signal
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import torch
 from advtrain.engine.checkpoint import load_checkpoint
 from advtrain.engine.precision import resolve_runtime
 from advtrain.engine.run import build_parts
-from conftest import TINY, checked, interrupt_after, run_cli
+from conftest import assert_resume_equals_straight, TINY, checked, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -99,15 +98,7 @@ def test_a_bad_teacher_is_one_line(case, teacher, tmp_path):
 def test_a_resumed_rrm_run_equals_an_uninterrupted_one(teacher, tmp_path):
     args = [*TINY, "method=rrm", f"method.teacher={teacher}", "arch=madry_cnn", "trainer.epochs=3",
             "trainer.deterministic=true", "trainer.log_every_s=0"]
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    stopped = interrupt_after([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path, "epoch 2/3 batch 3/")
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path)
-    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr
-    a = load_checkpoint(tmp_path / "straight" / "checkpoints" / "last.pt")["model"]
-    b = load_checkpoint(tmp_path / "resumed" / "checkpoints" / "last.pt")["model"]
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert_resume_equals_straight(args, tmp_path, "epoch 2/3 batch 3/")
 
 
 @pytest.mark.slow
