@@ -256,6 +256,39 @@ def test_restarts_return_the_first_misclassified_start():
     assert torch.equal(x_adv, expected)
 
 
+def test_skip_fooled_restarts_attack_only_the_examples_still_standing():
+    """Evaluation's restarts: each restart after the first sees only the examples no earlier restart fooled; the rule
+    (first misclassified point, else the last restart's) is unchanged, replayed here start by start."""
+    model, counter, sizes = make_model(), PassCounter(), []
+    x, _ = rand_batch(32)
+    y = clean_prediction(model, x)
+    model.register_forward_pre_hook(lambda module, args: sizes.append(len(args[0])))
+    eps, restarts = 0.25, 4
+    torch.manual_seed(11)
+    x_adv = pgd(model, x, y, eps=eps, alpha=0.1, steps=0, restarts=restarts, skip_fooled=True, counter=counter)
+
+    seen = list(sizes)  # the batch sizes the attack's forwards had (steps=0: only the checks between restarts)
+    torch.manual_seed(11)
+    expected, open_, checked = x.clone(), torch.arange(len(x)), []
+    with torch.no_grad():
+        for r in range(restarts):
+            start = random_init(x[open_], eps, 'linf', 'uniform')
+            expected[open_] = start
+            if r < restarts - 1:
+                checked.append(len(open_))
+                open_ = open_[model(start).argmax(1) == y[open_]]
+    assert 0 < len(open_) < len(x)  # some examples were fooled early, some never
+    assert torch.equal(x_adv, expected)
+    assert seen == checked and checked[-1] < len(x)  # the checks, and so the restarts, shrink to the open examples
+    assert counter.total == pytest.approx(sum(checked) / 3, abs=1e-12)  # a check forward per open example only
+
+
+def test_skip_fooled_refuses_train_mode_batch_norm():
+    x, y = rand_batch(4)
+    with pytest.raises(ValueError, match="skip_fooled"):
+        pgd(make_model(), x, y, eps=0.1, alpha=0.1, steps=1, restarts=2, bn='train', skip_fooled=True)
+
+
 @pytest.mark.parametrize('norm', ['linf', 'l2'])
 def test_more_restarts_never_help_the_defender(trained, norm):
     """Robust only if every restart fails: restart 0 replays the single run, so restarts can only add errors."""

@@ -41,14 +41,37 @@ def test_the_teacher_is_frozen_and_outside_the_student(teacher):
     assert not hasattr(parts.model, "rrm_projection")  # the same architecture: the same feature size
 
 
-def test_a_projection_joins_features_of_different_sizes(teacher):
+def test_a_projection_joins_features_of_different_sizes_and_feeds_the_classifier(teacher):
+    """The authors' layout: the projection is the student's last body layer, the classifier reads its output."""
     parts = _parts(teacher, "arch=madry_cnn")  # a 1024-value penultimate layer, the teacher's has 100
-    projection = parts.model.rrm_projection.linear
-    assert (projection.in_features, projection.out_features) == (parts.model.feature_dim, 100)
-    logits, features = parts.model(torch.rand(2, 1, 12, 12), features="rrm_projection")
-    assert logits.shape == (2, 4) and features.shape == (2, 100)
+    projection = parts.model.body[-1].linear
+    assert (projection.in_features, projection.out_features) == (1024, 100) and parts.model.feature_dim == 100
+    x = torch.rand(2, 1, 12, 12)
+    logits, features = parts.model(x, features=True)
+    assert features.shape == (2, 100) and torch.allclose(logits, parts.model.head(features))
     assert {id(p) for p in projection.parameters()} <= {id(p) for g in parts.optimizer.param_groups
                                                         for p in g["params"]}
+
+
+def test_a_loss_only_projection_leaves_the_classifier_on_the_students_features(teacher):
+    parts = _parts(teacher, "arch=madry_cnn", "method.head_on_projection=false")
+    projection = parts.model.rrm_projection.linear
+    assert (projection.in_features, projection.out_features) == (1024, 100) and parts.model.feature_dim == 1024
+    logits, features = parts.model(torch.rand(2, 1, 12, 12), features="rrm_projection")
+    assert logits.shape == (2, 4) and features.shape == (2, 100)
+
+
+def test_a_teacher_from_an_older_version_loads(teacher, tmp_path):
+    """A checkpoint written before its method gained a knob (pgd's adv_weight) rebuilds with the knob's default."""
+    from advtrain.engine.checkpoint import save_checkpoint
+    import advtrain
+
+    state = load_checkpoint(teacher)
+    del state["model_spec"]["method"]["adv_weight"]
+    old = tmp_path / "old.pt"
+    save_checkpoint(state, old)
+    assert torch.equal(advtrain.load_model(old).head.weight, advtrain.load_model(teacher).head.weight)
+    assert _parts(old).companions["teacher"].feature_dim == 100
 
 
 @pytest.mark.slow
@@ -67,12 +90,12 @@ def test_rrm_trains_the_student_only_and_records_both_times(teacher, tmp_path):
     assert results["companions"] == {"teacher": {"checkpoint": str(teacher), "train_time_s": teacher_time}}
     assert results["train_time_with_companions_s"] == pytest.approx(results["train_time_s"] + teacher_time)
     student = load_checkpoint(run_dir / "checkpoints" / "last.pt")
-    assert "rrm_projection.linear.weight" in student["model"]
+    projection = student["model"]["body.1.linear.weight"]  # the projection, a layer of the student
     assert not any(k.startswith("teacher") for k in student["model"]) and student["companions"]["teacher"]
     import advtrain
 
-    assert advtrain.load_model(run_dir / "checkpoints" / "last.pt").feature_dim == student["model"][
-        "rrm_projection.linear.weight"].shape[1]  # rebuilt from the checkpoint alone, the projection included
+    rebuilt = advtrain.load_model(run_dir / "checkpoints" / "last.pt")  # from the checkpoint alone
+    assert torch.equal(rebuilt.body[1].linear.weight, projection) and rebuilt.feature_dim == projection.shape[0]
 
     proc = run_cli([str(tmp_path), "--out", str(tmp_path / "report")], cwd=tmp_path, program="advtrain-report")
     assert proc.returncode == 0 and "with companions (s)" in proc.stdout, proc.stdout

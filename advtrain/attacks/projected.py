@@ -79,7 +79,8 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor | None, *, eps: float, alpha: flo
         norm: str = 'linf', loss: str = 'ce', start: str = 'uniform', restarts: int = 1,
         target: Tensor | None = None, bn: str = 'eval', counter: PassCounter | None = None,
         record_best: bool = False, last_grad: Callable[[Tensor], None] | None = None,
-        exact_steps: Sequence[int] | None = None, order: int = 2, init: Tensor | None = None) -> Tensor:
+        exact_steps: Sequence[int] | None = None, order: int = 2, init: Tensor | None = None,
+        skip_fooled: bool = False) -> Tensor:
     """Projected gradient ascent on `loss` inside the eps ball; returns a detached x_adv in the ball and in [0,1].
 
     loss 'ce' / 'cw' need labels y; 'kl' needs target = p(x) on the clean input (TRADES). record_best returns, per
@@ -94,6 +95,11 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor | None, *, eps: float, alpha: flo
     gradient approximated from the last two computed ones (advtrain.attacks.taylor, Taylor partial sum of `order`
     1 or 2) and cost no pass. None computes every step's. init: the start point (e.g. a carried perturbation
     added to x), projected, instead of a random start.
+
+    skip_fooled (evaluation): each restart after the first attacks only the examples no earlier restart has fooled;
+    the answer is the same (a fooled example keeps its point either way), the cost falls with the model's error
+    rate. It needs a model that takes any sub-batch (a per-example condition does not) and BN in eval mode (in
+    train mode a smaller batch would change the statistics), so it is refused with bn='train' and last_grad.
     """
     check_norm(norm)
     loss_fn = get_loss(loss)
@@ -108,10 +114,22 @@ def pgd(model: nn.Module, x: Tensor, y: Tensor | None, *, eps: float, alpha: flo
         raise ValueError(f"exact_steps must include step 0 and lie in 0..{steps - 1}, got {sorted(exact)}")
     if restarts > 1 and loss == 'kl':
         raise ValueError("restarts > 1 pick points by misclassification: use loss 'ce' or 'cw' with labels y")
+    if skip_fooled and (bn != 'eval' or last_grad is not None):
+        raise ValueError("skip_fooled attacks sub-batches: it needs bn='eval' and no last_grad")
     x = x.detach()
     x_adv = fooled = None  # fooled, per example: has an earlier restart's point already been misclassified?
     with bn_mode(model, bn), torch.enable_grad():
         for r in range(restarts):
+            if skip_fooled and fooled is not None:
+                open_ = (~fooled).nonzero().squeeze(1)  # the examples every restart so far has failed on
+                if len(open_) == 0:
+                    break
+                candidate = _ascend(model, x[open_], y[open_], None, loss_fn, eps, alpha, steps, norm, start,
+                                    counter, record_best, None, exact, order, None if init is None else init[open_])
+                x_adv = x_adv.index_copy(0, open_, candidate)
+                if r < restarts - 1:
+                    fooled = fooled.index_copy(0, open_, _misclassified(model, candidate, y[open_], counter))
+                continue
             candidate = _ascend(model, x, y, target, loss_fn, eps, alpha, steps, norm, start, counter, record_best,
                                 last_grad, exact, order, init)
             x_adv = candidate if x_adv is None else torch.where(_rows(fooled, x), x_adv, candidate)

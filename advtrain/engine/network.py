@@ -10,7 +10,8 @@ from omegaconf import OmegaConf
 
 from advtrain.data import DatasetInfo
 from advtrain.errors import CheckpointError
-from advtrain.methods import build_method
+from advtrain.methods import build_method, method_class
+from advtrain.methods.base import config_of
 from advtrain.models import build_model
 
 
@@ -38,7 +39,15 @@ def build_network(spec: dict, method=None, companions: dict[str, torch.nn.Module
 
 
 def _skeleton(spec: dict) -> torch.nn.Module:
-    return build_network(spec, build_method(OmegaConf.create(spec["method"]), spec_info(spec)))
+    return build_network(spec, stored_method(spec))
+
+
+def stored_method(spec: dict):
+    """The method a checkpoint's spec names, with its recorded settings; a setting the method gained after the
+    checkpoint was written (a knob added in a later version) takes its default, so old checkpoints still load."""
+    recorded = dict(spec["method"])
+    defaults = vars(config_of(method_class(recorded)))
+    return build_method(OmegaConf.create({**defaults, **recorded}), spec_info(spec))
 
 
 def spec_info(spec: dict) -> DatasetInfo:
@@ -49,7 +58,7 @@ def spec_info(spec: dict) -> DatasetInfo:
 def model_from_checkpoint(state: dict[str, Any]):
     """Rebuild (method, model) from a loaded checkpoint: the architecture, any change the method made, the weights."""
     spec = state["model_spec"]
-    method = build_method(OmegaConf.create(spec["method"]), spec_info(spec))
+    method = stored_method(spec)
     model = build_network(spec, method)
     try:
         model.load_state_dict(state["model"])

@@ -6,7 +6,10 @@ Per batch (clean, augmented x):  logits, φ_s = student(x, features=True);  φ_t
     loss = w_xent · CE(logits, y) + w_feat · d(P φ_s, φ_t)
 with d the cosine distance 1 − cos (the authors maximise cos with weight −1: the same gradient) or the relative L2
 distance ‖P φ_s − φ_t‖ / ‖φ_t‖ (their Restricted-ImageNet setting), and P a learned linear projection where the
-feature sizes differ (the authors build it into their CIFAR ResNet-50 as a 2048 → 512 layer), else the identity.
+feature sizes differ, else the identity. As in the authors' CIFAR ResNet-50 (a 2048 → 512 layer before its
+classifier), P is a layer of the student: the classifier reads the matched features P φ_s (head_on_projection,
+the default). head_on_projection=false keeps P to the loss alone, the classifier on φ_s: the student may then
+classify with directions P ignores, which the teacher never vouched for (docs/methods/rrm.md measures both).
 P is part of the student (trained, in its checkpoint, through DDP); the teacher is never trained, never saved.
 
 Cost: one pass for the student's update plus the teacher's forward (a third of a pass) per example.
@@ -24,7 +27,7 @@ from advtrain.schema import MethodConfig, choice
 
 
 class FeatureProjection(nn.Module):
-    """The student's penultimate features mapped to the teacher's size (RRM's loss only; the logits never see it)."""
+    """The student's penultimate features mapped to the teacher's size."""
 
     def __init__(self, student_dim: int, teacher_dim: int):
         super().__init__()
@@ -42,6 +45,7 @@ class RRM(Method):
         w_feat: float = 1.0           # weight of the feature distance
         w_xent: float = 0.005         # weight of the student's cross-entropy (the authors' CIFAR-10 L-inf value)
         projection: str = choice("auto", "linear", "none")  # auto: a linear projection where the sizes differ
+        head_on_projection: bool = True  # the classifier reads P φ_s (the authors' layout); false: P for the loss only
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
@@ -59,10 +63,15 @@ class RRM(Method):
         if self.cfg.projection == "none" and student != teacher:
             raise ConfigError(f"method.projection=none, but the student's features have {student} values and the "
                               f"teacher's {teacher}: use method.projection=auto")
-        if wanted:
+        if wanted and self.cfg.head_on_projection:
+            # The projection becomes the body's last layer and a new classifier reads its output, so the
+            # penultimate features (features=True) are the matched ones.
+            model.body = nn.Sequential(model.body, FeatureProjection(student, teacher))
+            model.head = nn.Linear(teacher, model.num_classes)
+        elif wanted:
             model.rrm_projection = FeatureProjection(student, teacher)
         # What the update's forward returns as features: projected (inside that forward) where there is a projection.
-        self.features = "rrm_projection" if wanted else True
+        self.features = "rrm_projection" if wanted and not self.cfg.head_on_projection else True
         return model
 
     def train_step(self, batch, ctx):
