@@ -2,7 +2,8 @@
 # Issue 15's comparison: does RRM carry a robust teacher's robustness to a student of another architecture, and at
 # what cost? Per dataset (MNIST at eps 0.3, Fashion-MNIST at eps 0.1): a PGD-AT teacher (mnist_net), then four
 # students of one other architecture (madry_cnn, about 20x mnist_net's multiply-adds), with the same epochs, LR
-# schedule and batch: natural training, RRM from that teacher, FREE (m = 8, the paper's fast baseline) and PGD-AT.
+# schedule and batch: natural training, RRM from that teacher (the paper's cosine loss, and the relative L2 loss that
+# transferred more in docs/methods/rrm.md's exploration), FREE (m = 8, the paper's fast baseline) and PGD-AT.
 # Teacher and PGD-AT student use one attack, PGD-10 with step 2.5 eps / 10 (Madry et al.'s rule; the paper's
 # CIFAR teacher is PGD-7). Every job trains on the first $SUBSET training images (10 epochs, Adam triangle LR to
 # 5e-3, batch 100, eps warm-up over 30% for the attacking methods) and evaluates clean, PGD-50-10 and AutoAttack on
@@ -44,6 +45,7 @@ for dataset in "${DATASETS[@]}"; do
   teacher=$OUT/$dataset/teacher_pgd10/checkpoints/last.pt
   run student_natural arch=madry_cnn method=natural
   run student_rrm arch=madry_cnn method=rrm "method.teacher=$teacher"   # cosine, w_xent 0.005: the paper's L-inf
+  run student_rrm_rel_l2 arch=madry_cnn method=rrm "method.teacher=$teacher" method.feature_loss=rel_l2  # see rrm.md
   run student_free8 arch=madry_cnn method=free method.replays=8
   run student_pgd10 arch=madry_cnn method=pgd method.steps=10 method.alpha=$alpha
 done
