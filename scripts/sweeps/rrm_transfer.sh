@@ -12,6 +12,7 @@
 #   scripts/sweeps/rrm_transfer.sh [DATA_ROOT] [OUT] [DATASET ...]   # defaults: ../shared/data, multirun/rrm,
 #                                                                    # mnist fashion_mnist
 #   SUBSET=10000 EPOCHS=10 EVAL_N=1000 ATTACKS='[pgd50,autoattack]'  # the defaults; smaller for a quick check
+#   ONLY='student_pgd10 student_free8'   # run these jobs only (the teacher must be finished): split over cores
 #
 # Jobs run one after the other; the documented run gives each dataset's sweep one core (OMP_NUM_THREADS=1, one
 # process per dataset). Rerunning skips finished jobs (their results.json exists) and resumes unfinished ones.
@@ -25,6 +26,7 @@ SUBSET=${SUBSET:-10000}
 EPOCHS=${EPOCHS:-10}
 EVAL_N=${EVAL_N:-1000}
 ATTACKS=${ATTACKS:-[pgd50,autoattack]}
+ONLY=${ONLY:-}
 
 for dataset in "${DATASETS[@]}"; do
   case $dataset in
@@ -38,6 +40,7 @@ for dataset in "${DATASETS[@]}"; do
   run() {  # run LABEL OVERRIDES...: one job in $OUT/$dataset/LABEL, skipped once it has results
     local label=$1; shift
     local dir=$OUT/$dataset/$label
+    if [ -n "$ONLY" ] && [[ " $ONLY " != *" $label "* ]]; then return; fi
     if [ -f "$dir/results.json" ]; then echo "$dir: already finished"; return; fi
     advtrain "${common[@]}" "$@" "hydra.run.dir=$dir"
   }
