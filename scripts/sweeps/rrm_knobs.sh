@@ -28,6 +28,7 @@ run head_rel_l2_w005 arch=madry_cnn method.feature_loss=rel_l2
 run head_cos_w0 arch=madry_cnn method.w_xent=0
 run head_cos_w05 arch=madry_cnn method.w_xent=0.05
 run head_rel_l2_w005_e30 arch=madry_cnn method.feature_loss=rel_l2 trainer.epochs=30
+run head_rel_l2_w005_crop2 arch=madry_cnn method.feature_loss=rel_l2 dataset.crop_padding=2  # random 2-pixel shifts
 run same_arch_cos_w005 arch=mnist_net                                       # the teacher's own architecture
 run same_arch_rel_l2_w005 arch=mnist_net method.feature_loss=rel_l2
 advtrain-report "$OUT"
