@@ -10,6 +10,8 @@
 #
 #   scripts/sweeps/fashion_mnist_oat.sh [DATA_ROOT] [OUT]   # defaults: ../shared/data, multirun/fashion_oat
 #   SUBSET=30000 EPOCHS=10 EVAL_N=1000                     # the defaults; smaller for a quick check
+#   ONLY='oat oats'                                         # these parts only (oat, dedicated, oats): split over
+#                                                           # cores, e.g. ONLY=dedicated on a second one
 #
 # Jobs run one after the other (the documented run: OMP_NUM_THREADS=1, one core of its own); rerunning skips
 # finished jobs and resumes unfinished ones.
@@ -18,8 +20,19 @@ DATA=${1:-../shared/data}
 OUT=${2:-multirun/fashion_oat}
 COMMON=("dataset.root=$DATA" "dataset.train_subset=${SUBSET:-30000}" "trainer.epochs=${EPOCHS:-10}"
         "eval.n=${EVAL_N:-1000}" logger=none trainer.progress=lines seed=0)
-advtrain experiment=fashion_mnist_oat "${COMMON[@]}" "hydra.run.dir=$OUT/oat"
-advtrain -m experiment=fashion_mnist_oat method=pgd "${COMMON[@]}" method.adv_weight=0,0.1,0.2,0.3,0.4,1.0 \
-    "hydra.sweep.dir=$OUT/dedicated" 'hydra.sweep.subdir=lambda${method.adv_weight}'
-advtrain experiment=fashion_mnist_oats "${COMMON[@]}" 'attack=[pgd20]' "hydra.run.dir=$OUT/oats"
-advtrain-report "$OUT" --baseline method.adv_weight=1.0
+part() { [ -z "${ONLY:-}" ] || [[ " $ONLY " == *" $1 "* ]]; }
+if part oat; then
+  advtrain experiment=fashion_mnist_oat "${COMMON[@]}" "hydra.run.dir=$OUT/oat"
+fi
+if part dedicated; then
+  advtrain -m experiment=fashion_mnist_oat method=pgd "${COMMON[@]}" method.adv_weight=0,0.1,0.2,0.3,0.4,1.0 \
+      "hydra.sweep.dir=$OUT/dedicated" 'hydra.sweep.subdir=lambda${method.adv_weight}'
+fi
+if part oats; then
+  advtrain experiment=fashion_mnist_oats "${COMMON[@]}" 'attack=[pgd20]' "hydra.run.dir=$OUT/oats"
+fi
+if [ -d "$OUT/dedicated" ]; then  # time against the dedicated PGD-AT model (lambda 1)
+  advtrain-report "$OUT" --baseline method.adv_weight=1.0
+else
+  advtrain-report "$OUT"
+fi
