@@ -185,6 +185,20 @@ def test_runs_of_different_settings_are_never_averaged_and_say_what_differs(tmp_
     assert (tmp_path / "report.md").read_text().splitlines()[0].startswith("| method | dataset | arch | setting |")
 
 
+def test_per_seed_gives_a_row_per_run_and_times_against_the_same_seeds_pgd(tmp_path, capsys):
+    for seed, (pgd_time, gaat_time) in enumerate([(100.0, 20.0), (50.0, 20.0)]):
+        _write(tmp_path / f"pgd{seed}", "pgd", seed, 0.9, time_s=pgd_time)
+        _write(tmp_path / f"gaat{seed}", "gaat", seed, 0.8 + seed / 100, time_s=gaat_time)
+    runs = collect(tmp_path)
+    rows = {(r.method, r.differs): r for r in aggregate(runs, metric_names(runs), per_seed=True)}
+    assert set(rows) == {(m, f"seed={s}") for m in ("pgd", "gaat") for s in (0, 1)}
+    assert all(r.runs == 1 for r in rows.values())
+    assert rows[("gaat", "seed=0")].acc_pct["clean"] == (80.0, None)
+    assert rows[("gaat", "seed=1")].time_vs_pgd == pytest.approx(0.4)  # against seed 1's PGD-AT, not the mean
+    status, out, _ = report([tmp_path, "--per-seed"], capsys)
+    assert status == 0 and "seed=1" in out
+
+
 def test_time_relative_to_pgd_only_against_pgd_of_the_same_setting(tmp_path):
     _write(tmp_path / "pgd_eps01", "pgd", 0, 0.9, time_s=100.0, eps=0.1)
     _write(tmp_path / "gaat_eps01", "gaat", 0, 0.9, time_s=20.0, eps=0.1)

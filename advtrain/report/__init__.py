@@ -95,6 +95,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--baseline", action="append", default=[], metavar="KEY=VALUE",
                         help="the PGD-AT run times are relative to, where several share a setting: a method setting "
                              "as the table's setting column shows it, e.g. method.steps=10 (repeatable)")
+    parser.add_argument("--per-seed", action="store_true",
+                        help="a row per seed instead of mean ± std over seeds (the seed in the setting column), "
+                             "for paired comparisons: runs of one seed share initial weights and batch order")
     parser.add_argument("--wandb-project", type=str, default=None, metavar="NAME",
                         help="also log the table and plot to a W&B run (job_type report) in this project")
     parser.add_argument("--wandb-entity", type=str, default=None, metavar="E")
@@ -118,7 +121,7 @@ def main(argv: list[str]) -> None:
     trained = [run for run in runs if not is_evaluation(run)]
     runs = expand_views(trained)
     baseline = parse_baseline(args.baseline)
-    rows = aggregate(runs, metrics, baseline)
+    rows = aggregate(runs, metrics, baseline, per_seed=args.per_seed)
     if baseline and not any(row.time_vs_pgd is not None for row in rows if row.method == "pgd"):
         candidates = sorted({row.differs or "(no differing setting)" for row in rows if row.method == "pgd"})
         fail(f"--baseline {' '.join(args.baseline)} matches no PGD-AT run here; the PGD-AT runs are: "

@@ -128,13 +128,17 @@ def _mean_std(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else None  # stdev: ddof=1
 
 
-def aggregate(runs: list[dict], metrics: list[str], baseline: dict[str, str] | None = None) -> list[Row]:
+def aggregate(runs: list[dict], metrics: list[str], baseline: dict[str, str] | None = None,
+              per_seed: bool = False) -> list[Row]:
     """Rows of `runs`. `baseline` (method key -> value as written, e.g. {"method.steps": "10"}) picks the PGD-AT row
     that times are relative to where a setting has several (PGD-10 and PGD-4 in one sweep); without it such a
-    setting gets no ratio rather than an arbitrary one."""
+    setting gets no ratio rather than an arbitrary one. per_seed: the seed is part of the setting, a row per run,
+    for paired comparisons (methods run from the same seed share their initial weights and batch order)."""
     groups = defaultdict(list)
     for run in runs:
         setting, method_settings = experiment(run)
+        if per_seed:
+            setting["seed"] = json.dumps(run["seed"])
         key = (str(run["dataset"]), str(run["arch"]), str(run["method"]), tuple(sorted(setting.items())),
                tuple(sorted(method_settings.items())), str(run.get("view", "")))
         groups[key].append(run)
