@@ -47,7 +47,7 @@ def test_awp_perturbs_each_layer_by_gamma_times_its_norm_and_restores_exactly():
     x, y = torch.rand(8, 1, 6, 6), torch.randint(0, 3, (8,))
     before = copy.deepcopy(model.state_dict())
     awp = WeightPerturbation(model, gamma=0.01)
-    diffs = awp.compute(lambda m: -F.cross_entropy(m(x), y))
+    diffs = awp.compute(lambda m: F.cross_entropy(m(x), y))
     assert [p.dim() for p in awp.params] == [4, 2]  # weights with more than one dimension: no biases, no BN
     for p, d in zip(awp.params, diffs):
         assert d.norm() == pytest.approx(0.01 * p.norm().item(), rel=1e-5)
@@ -55,6 +55,36 @@ def test_awp_perturbs_each_layer_by_gamma_times_its_norm_and_restores_exactly():
     with awp.applied(diffs):
         assert not torch.equal(model[0].weight, before["0.weight"])
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # bit for bit
+
+
+@pytest.mark.parametrize("overrides", [["method=awp", "method.base=pgd"], ["method=awp", "method.base=trades"],
+                                       ["method=rat", "method.base=awp_trades"]])
+def test_the_weight_perturbation_raises_the_base_loss(overrides):
+    """Adversarial in weight space: at w + v the training loss is higher than at w (measured here as the clean
+    cross-entropy, which the base losses' gradients point up as well on a fresh model)."""
+    torch.manual_seed(0)
+    model = _Features(nn.Sequential(nn.Flatten(), nn.Linear(144, 32), nn.ReLU(), nn.Linear(32, 4)))
+    batch = Batch(torch.rand(32, 1, 12, 12), torch.randint(0, 4, (32,)), torch.arange(32), None, None)
+    seen = []
+
+    def recording(compute):
+        def wrapped(loss_of):
+            diffs = compute(loss_of)
+            with torch.no_grad():
+                plain = F.cross_entropy(model(batch.x), batch.y).item()
+                with method.perturbation.applied(diffs):
+                    seen.append((plain, F.cross_entropy(model(batch.x), batch.y).item()))
+            return diffs
+        return wrapped
+
+    cfg = checked([*TINY, *overrides, "method.warmup_epochs=0", "method.gamma=0.05"])
+    method = build_method(cfg.method, type("Info", (), {"num_classes": 4})())
+    ctx = make_context(model)
+    method.setup(ctx)
+    method.perturbation.compute = recording(method.perturbation.compute)
+    method.train_step(batch, ctx)
+    (plain, perturbed), = seen
+    assert perturbed > plain
 
 
 def _one_step(method_overrides: list[str], model, batch):
@@ -67,22 +97,22 @@ def _one_step(method_overrides: list[str], model, batch):
     return model
 
 
+class _Features(nn.Module):  # the update's forward takes features=True, as a Classifier does
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x, features=False):
+        logits = self.inner(x)
+        return (logits, x.flatten(1)) if features else logits
+
+
 def test_rat_without_its_taylor_terms_is_trades():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(144, 4))
-
-    class Features(nn.Module):  # the update's forward takes features=True, as a Classifier does
-        def __init__(self, inner):
-            super().__init__()
-            self.inner = inner
-
-        def forward(self, x, features=False):
-            logits = self.inner(x)
-            return (logits, x.flatten(1)) if features else logits
-
     batch = Batch(torch.rand(16, 1, 12, 12), torch.randint(0, 4, (16,)), torch.arange(16), None, None)
     trades = _one_step(["method=trades"], copy.deepcopy(model), batch)
-    rat = _one_step(["method=rat", "method.taylor_weight=0"], Features(copy.deepcopy(model)), batch)
+    rat = _one_step(["method=rat", "method.taylor_weight=0"], _Features(copy.deepcopy(model)), batch)
     for a, b in zip(trades.parameters(), rat.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
 

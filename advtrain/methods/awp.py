@@ -40,7 +40,9 @@ class WeightPerturbation:
         self.params = [p for p in model.parameters() if p.dim() > 1 and p.requires_grad]
 
     def compute(self, loss_of: Any) -> list[Tensor]:
-        """loss_of(model) -> the base loss with the model in train mode; BN statistics are left as they were."""
+        """v for the loss loss_of(model) (the base loss, model in train mode), pointing up its gradient: the weights'
+        locally worst neighbour. (The authors' proxy takes an SGD step on -loss: the same direction.) BN statistics
+        are left as they were."""
         buffers = [b.detach().clone() for b in self.model.buffers()]
         training = self.model.training
         self.model.train()
@@ -119,7 +121,7 @@ class AWP(Method):
                 return (loss, logits) if with_logits else loss
 
             halves = 1
-        diffs = self.perturbation.compute(lambda model: -base_loss(model))  # the ascent: maximise the base loss
+        diffs = self.perturbation.compute(base_loss)  # up the base loss's gradient
         with self.perturbation.applied(diffs):
             loss, logits = base_loss(ctx.model, with_logits=True)
             ctx.backward(loss)

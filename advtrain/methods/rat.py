@@ -99,11 +99,11 @@ class RAT(Method):
         attacker = _noisy_copy(ctx.attack_model, c.weight_noise) if c.weight_noise > 0 else ctx.attack_model
         x_adv = self.trades.adversarial(batch, attacker, ctx.counter)
         if self.perturbation is not None and ctx.epoch >= self.warmup:
-            def ascent(model):  # TRADES-AWP's proxy loss: the TRADES loss, maximised
+            def trades_loss(model):  # TRADES-AWP's proxy loss, which the perturbation increases
                 natural, robust = trades_terms(*self.trades.forward_pair(model, x, x_adv), y)
-                return -(natural + c.beta * robust)
+                return natural + c.beta * robust
 
-            diffs = self.perturbation.compute(ascent)
+            diffs = self.perturbation.compute(trades_loss)
             ctx.counter.add(n, 2)
             with self.perturbation.applied(diffs):
                 out = self._update_loss(ctx.model, x, x_adv, y)
