@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # What moves RRM's transfer (docs/methods/rrm.md, "What we tried"): students of the Fashion-MNIST teacher of
 # rrm_transfer.sh, in its setting (first 10000 training images, 10 epochs, Adam triangle LR to 5e-3, batch 100),
-# one knob changed at a time; PGD-20 (step eps/4) and clean accuracy on the first 1000 test images, a quick read.
+# one knob changed at a time; PGD-20 (step 0.01) and clean accuracy on the first 1000 test images, a quick read.
 #
 #   scripts/sweeps/rrm_knobs.sh [DATA_ROOT] [OUT] [TEACHER]
 #   # defaults: ../shared/data, multirun/rrm_knobs, multirun/rrm/fashion_mnist/teacher_pgd10/checkpoints/last.pt
