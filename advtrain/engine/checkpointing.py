@@ -19,9 +19,8 @@ from advtrain.engine.distributed import Dist
 from advtrain.engine.loop import LoopState
 from advtrain.engine.precision import set_rng_state
 from advtrain.engine.results import eval_settings
-from advtrain.errors import CheckpointError, ConfigError
-from advtrain.methods import method_class
-from advtrain.methods.base import config_of
+from advtrain.errors import CheckpointError
+from advtrain.methods import method_defaults
 from advtrain.schema import trajectory_keys
 
 
@@ -62,7 +61,7 @@ class Checkpoints:
         for key in trajectory_keys():  # the schema marks them: a checkpoint resumes only where they all agree
             ours, theirs = _plain(OmegaConf.select(cfg, key)), _plain(OmegaConf.select(saved, key))
             if key == "method" and isinstance(ours, dict) and isinstance(theirs, dict):
-                theirs = {**{k: v for k, v in _added_since(ours).items() if k in ours}, **theirs}
+                theirs = {**{k: v for k, v in method_defaults(ours).items() if k in ours}, **theirs}
             if ours != theirs:
                 name, theirs, ours = _first_difference(key, theirs, ours)
                 raise CheckpointError(f"cannot resume from {path}: it was trained with {name}={theirs}, this "
@@ -130,15 +129,6 @@ class Checkpoints:
 def describe(path: Path, loop: dict[str, Any]) -> str:
     where = f"epoch {loop['epoch'] + 1}, batch {loop['batch']}" if loop["batch"] else f"after epoch {loop['epoch']}"
     return f"{path} ({'finished' if loop.get('finished') else where})"
-
-
-def _added_since(section: dict) -> dict:
-    """The method settings a checkpoint written before they existed ran with: each field's default (a knob added
-    later defaults to the behaviour before it). Only these fill in what an older checkpoint's config lacks."""
-    try:
-        return vars(config_of(method_class(section)))
-    except ConfigError:
-        return {}
 
 
 def _first_difference(key: str, theirs, ours) -> tuple[str, Any, Any]:

@@ -10,8 +10,7 @@ from omegaconf import OmegaConf
 
 from advtrain.data import DatasetInfo
 from advtrain.errors import CheckpointError
-from advtrain.methods import build_method, method_class
-from advtrain.methods.base import config_of
+from advtrain.methods import build_method, method_defaults
 from advtrain.models import build_model
 
 
@@ -46,8 +45,7 @@ def stored_method(spec: dict):
     """The method a checkpoint's spec names, with its recorded settings; a setting the method gained after the
     checkpoint was written (a knob added in a later version) takes its default, so old checkpoints still load."""
     recorded = dict(spec["method"])
-    defaults = vars(config_of(method_class(recorded)))
-    return build_method(OmegaConf.create({**defaults, **recorded}), spec_info(spec))
+    return build_method(OmegaConf.create({**method_defaults(recorded), **recorded}), spec_info(spec))
 
 
 def spec_info(spec: dict) -> DatasetInfo:

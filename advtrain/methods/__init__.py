@@ -17,7 +17,7 @@ from types import ModuleType
 from typing import Any, Mapping
 
 from advtrain.errors import ConfigError
-from advtrain.methods.base import Method
+from advtrain.methods.base import Method, config_of
 
 HELPERS = {"base", "context", "replay", "schedules"}  # modules of this package that hold no method
 
@@ -67,6 +67,15 @@ def discover() -> dict[str, type[Method]]:
             for info in pkgutil.iter_modules(__path__) if info.name not in HELPERS}
 
 
+def method_defaults(section: Mapping[str, Any]) -> dict[str, Any]:
+    """Every setting of the method `section` selects, at its Config default: what a checkpoint written before a
+    setting existed ran with (a knob added later defaults to the behaviour before it). {} for an unknown method."""
+    try:
+        return vars(config_of(method_class(section)))
+    except ConfigError:
+        return {}
+
+
 def build_method(cfg, info) -> Method:
     return method_class(cfg)(cfg, info)
 
@@ -77,4 +86,4 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["Method", "build_method", "discover", "method_class", "shipped", "the_method_of"]
+__all__ = ["Method", "build_method", "discover", "method_class", "method_defaults", "shipped", "the_method_of"]
