@@ -68,8 +68,8 @@ def test_the_weight_perturbation_raises_the_base_loss(overrides):
     seen = []
 
     def recording(compute):
-        def wrapped(loss_of):
-            diffs = compute(loss_of)
+        def wrapped(loss_of, scale=1.0):
+            diffs = compute(loss_of, scale)
             with torch.no_grad():
                 plain = F.cross_entropy(model(batch.x), batch.y).item()
                 with method.perturbation.applied(diffs):
@@ -85,6 +85,31 @@ def test_the_weight_perturbation_raises_the_base_loss(overrides):
     method.train_step(batch, ctx)
     (plain, perturbed), = seen
     assert perturbed > plain
+
+
+@pytest.mark.parametrize("overrides", [["method=awp", "method.base=pgd"], ["method=rat", "method.base=awp_trades"]])
+def test_the_eps_warm_up_ramps_the_weight_perturbation(overrides):
+    """gamma is a threat radius in weight space: at ε warm-up factor f each layer's v is f * gamma * ||w_l|| (at f = 0
+    no perturbation, at f = 1 the configured size). Full-size from the first update, AT-AWP on MNIST stayed at chance."""
+    torch.manual_seed(0)
+    model = _Features(nn.Sequential(nn.Flatten(), nn.Linear(144, 32), nn.ReLU(), nn.Linear(32, 4)))
+    batch = Batch(torch.rand(32, 1, 12, 12), torch.randint(0, 4, (32,)), torch.arange(32), None, None)
+    cfg = checked([*TINY, *overrides, "method.warmup_epochs=0", "method.gamma=0.05"])
+    method = build_method(cfg.method, type("Info", (), {"num_classes": 4})())
+    ctx = make_context(model)
+    method.setup(ctx)
+    compute, sizes = method.perturbation.compute, []
+
+    def recording(loss_of, scale=1.0):
+        diffs = compute(loss_of, scale)
+        sizes.append([(d.norm() / p.norm()).item() for d, p in zip(diffs, method.perturbation.params)])
+        return diffs
+
+    method.perturbation.compute = recording
+    for factor in (0.0, 0.4, 1.0):
+        method.scale_threat_model(factor)
+        method.train_step(batch, ctx)
+        assert sizes[-1] == pytest.approx([0.05 * factor] * 2, rel=1e-4, abs=1e-9), factor
 
 
 def _one_step(method_overrides: list[str], model, batch):

@@ -69,6 +69,11 @@ class Method:
         """The configured settings, whatever the ε warm-up's current scale (self.cfg is the scaled view)."""
         return self._full_cfg
 
+    @property
+    def threat_scale(self) -> float:
+        """The ε warm-up's current factor in [0, 1] (1 once it is over, or without one)."""
+        return self._threat_scale
+
     def scale_threat_model(self, factor: float) -> None:
         """Scale every setting in pixel units (eps, step sizes, start radii: the Config fields marked pixel()) by
         `factor` in [0, 1], the ε warm-up of trainer.eps_warmup; 1 restores the configured values exactly."""

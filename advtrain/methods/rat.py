@@ -103,7 +103,7 @@ class RAT(Method):
                 natural, robust = trades_terms(*self.trades.forward_pair(model, x, x_adv), y)
                 return natural + c.beta * robust
 
-            diffs = self.perturbation.compute(trades_loss)
+            diffs = self.perturbation.compute(trades_loss, self.threat_scale)  # ramped with ε, as AWP's
             ctx.counter.add(n, 2)
             with self.perturbation.applied(diffs):
                 out = self._update_loss(ctx.model, x, x_adv, y)

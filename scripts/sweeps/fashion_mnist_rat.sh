@@ -8,6 +8,7 @@
 #
 #   scripts/sweeps/fashion_mnist_rat.sh [DATA_ROOT] [OUT]      # defaults: ../shared/data, multirun/fashion_rat
 #   SEEDS="0 1 2" SUBSET=30000 EPOCHS=10 EVAL_N=1000           # the defaults; ATTACKS='[pgd20]' for a quick check
+#   ONLY='trades_awp trades_awp_rat'                           # these methods only: split over cores, or redo some
 #
 # Jobs run one after the other, seed by seed (a sweep cut short still compares every method); the documented run
 # gives it one core (OMP_NUM_THREADS=1). Rerunning skips finished jobs and resumes unfinished ones.
@@ -17,8 +18,10 @@ OUT=${2:-multirun/fashion_rat}
 COMMON=(experiment=fashion_mnist_rat "dataset.root=$DATA" "dataset.train_subset=${SUBSET:-30000}"
         "trainer.epochs=${EPOCHS:-10}" "eval.n=${EVAL_N:-1000}" logger=none trainer.progress=lines)
 [ -z "${ATTACKS:-}" ] || COMMON+=("attack=$ATTACKS")
+ONLY=${ONLY:-}
 run() {  # run SEED LABEL OVERRIDES...
   local seed=$1 label=$2; shift 2
+  if [ -n "$ONLY" ] && [[ " $ONLY " != *" $label "* ]]; then return; fi
   advtrain -m "${COMMON[@]}" "seed=$seed" "$@" "hydra.sweep.dir=$OUT/$label" 'hydra.sweep.subdir=seed${seed}'
 }
 for seed in ${SEEDS:-0 1 2}; do
