@@ -73,6 +73,25 @@ def test_evaluating_a_checkpoint_twice_gives_the_same_numbers(trained, tmp_path)
     assert runs[0]["eval_settings"]["seed"] == 0
 
 
+def test_an_evaluation_stopped_by_sigterm_goes_on_from_its_last_batch(trained, tmp_path):
+    args = [f"checkpoint={trained / 'checkpoints' / 'last.pt'}", "attack=[pgd20]", "attack.pgd20.steps=300",
+            "eval.batch_size=16"]  # 8 batches of 16
+    straight = run_cli([*args, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path, program="advtrain-eval")
+    assert straight.returncode == 0, straight.stderr
+    run_dir = tmp_path / "stopped"
+    proc = interrupt_after([*args, f"hydra.run.dir={run_dir}"], tmp_path, "eval: 32 examples",
+                           program="advtrain-eval")
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert proc.stderr.strip() == (
+        f"advtrain-eval: stopped by SIGTERM during the evaluation; its progress is kept in {run_dir}/eval_progress.pt;"
+        f" to continue, rerun the command with hydra.run.dir={run_dir}")
+    rerun = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, program="advtrain-eval")
+    assert rerun.returncode == 0, rerun.stderr
+    assert "evaluation resumed from eval_progress.pt" in rerun.stdout and "eval: 16 examples" not in rerun.stdout
+    results = [json.loads((d / "results.json").read_text())["eval"] for d in (tmp_path / "straight", run_dir)]
+    assert results[0] == results[1] and not (run_dir / "eval_progress.pt").exists()
+
+
 def test_eval_help_lists_only_what_advtrain_eval_takes(tmp_path):
     proc = run_cli(["--help"], cwd=tmp_path, program="advtrain-eval")
     assert proc.returncode == 0

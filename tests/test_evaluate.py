@@ -2,11 +2,13 @@
 is left as it was."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
 from advtrain.data.loader import TensorEvalSet
-from advtrain.engine.evaluate import evaluate
+from advtrain.engine.evaluate import evaluate, evaluate_views
+from advtrain.methods.base import View
 
 # A random start that decides the outcome: one tiny step from a start anywhere in a wide ball.
 RANDOM_START = {"pgd": {"type": "pgd", "eps": 0.5, "alpha": 0.001, "steps": 1, "restarts": 1}}
@@ -31,3 +33,67 @@ def test_the_same_seed_gives_the_same_numbers_and_leaves_the_callers_rng_alone()
     other = evaluate(model, evalset, RANDOM_START, n=None, batch_size=128, seed=1)
     assert other["pgd"] != first["pgd"] and other["clean"] == first["clean"] == 1.0
     assert 0.05 < first["pgd"] < 0.95  # the random start matters here, or the test could not fail
+
+
+# --- an evaluation stopped part-way goes on from its last batch -----------------------------------------------------
+class _Stop(Exception):
+    pass
+
+
+def _stopping_after(batches: int):
+    """on_progress that stops the evaluation once `batches` batches have been counted (as a signal would)."""
+    seen = []
+
+    def on_progress(line):
+        seen.append(line)
+        if sum(" examples" in s and "resumed" not in s for s in seen) == batches:
+            raise _Stop
+    return on_progress
+
+
+def _views_evaluation(model, evalset, progress_file, on_progress, seed=0):
+    views = (View("a"), View("b"))  # two settings of one model: the second starts where the first left the RNG
+    return evaluate_views(model, evalset, RANDOM_START, n=None, batch_size=64, seed=seed, views=views,
+                          on_progress=on_progress, progress_file=progress_file)
+
+
+@pytest.mark.parametrize("stop_after", [3, 8, 11, 16])  # mid-view a, at its end, mid-view b, all done
+def test_a_stopped_evaluation_goes_on_to_the_uninterrupted_numbers(tmp_path, stop_after):
+    model, evalset = _setup()
+    straight = _views_evaluation(model, evalset, None, None)
+    progress_file = tmp_path / "eval_progress.pt"
+    with pytest.raises(_Stop):
+        _views_evaluation(model, evalset, progress_file, _stopping_after(stop_after))
+    lines = []
+    resumed = _views_evaluation(model, evalset, progress_file, lines.append)
+    assert resumed == straight
+    # only the batches not done before were attacked (8 of 64 per view)
+    assert lines[0].startswith("evaluation resumed from eval_progress.pt:")
+    assert sum(" examples" in line for line in lines[1:]) == 16 - stop_after
+
+
+def test_progress_kept_for_other_weights_or_settings_is_not_used(tmp_path):
+    model, evalset = _setup()
+    progress_file = tmp_path / "eval_progress.pt"
+    with pytest.raises(_Stop):
+        _views_evaluation(model, evalset, progress_file, _stopping_after(5))
+    lines = []
+    other_seed = _views_evaluation(model, evalset, progress_file, lines.append, seed=1)
+    assert other_seed == _views_evaluation(model, evalset, None, None, seed=1)
+    assert sum(" examples" in line for line in lines) == 16 and not any("resumed" in line for line in lines)
+    with pytest.raises(_Stop):
+        _views_evaluation(model, evalset, progress_file, _stopping_after(5))
+    with torch.no_grad():
+        model[1].weight[0, 0] += 1e-6  # other weights, however close
+    lines = []
+    assert _views_evaluation(model, evalset, progress_file, lines.append) == _views_evaluation(model, evalset, None,
+                                                                                                None)
+    assert sum(" examples" in line for line in lines) == 16
+
+
+def test_a_damaged_progress_file_starts_the_evaluation_over(tmp_path):
+    model, evalset = _setup()
+    progress_file = tmp_path / "eval_progress.pt"
+    progress_file.write_bytes(b"half a file")
+    assert _views_evaluation(model, evalset, progress_file, None) == _views_evaluation(model, evalset, None, None)
+    assert torch.load(progress_file, weights_only=True)["views"]["b"]["batches"] == 8  # replaced by a good one

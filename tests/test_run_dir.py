@@ -171,14 +171,36 @@ def test_sigterm_during_the_final_evaluation_is_one_line_and_a_rerun_evaluates(t
     assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
     last = run_dir / "checkpoints" / "last.pt"
     assert proc.stderr.strip() == (
-        f"advtrain: stopped by SIGTERM during the final evaluation; the checkpoint {last} (finished) stands; to "
+        f"advtrain: stopped by SIGTERM during the final evaluation (its progress is kept in eval_progress.pt); the "
+        f"checkpoint {last} (finished) stands; to "
         f"continue, rerun the command (a sweep finds its folders again; a single run needs hydra.run.dir={run_dir}): "
         "resume=auto, the default, picks it up")
     assert not (run_dir / "results.json").exists()
 
-    rerun = run_cli([*TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    rerun = run_cli([*TINY, "trainer.epochs=1", f"hydra.run.dir={run_dir}"], cwd=tmp_path)  # another attack
     assert rerun.returncode == 0, rerun.stderr
     assert json.loads((run_dir / "results.json").read_text())["eval"]["n"] == 128
+    assert "evaluation resumed" not in rerun.stdout and not (run_dir / "eval_progress.pt").exists()
+
+
+@pytest.mark.slow
+def test_a_final_evaluation_stopped_by_sigterm_goes_on_from_its_last_batch(tmp_path):
+    """The rerun attacks only the batches not done before and ends with the numbers of an evaluation left alone."""
+    args = [*TINY, "trainer.epochs=1", "attack.pgd20.steps=300", "eval.batch_size=16"]  # 8 batches of 16
+    straight = run_cli([*args, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
+    assert straight.returncode == 0, straight.stderr
+    run_dir = tmp_path / "run"
+    proc = interrupt_after([*args, f"hydra.run.dir={run_dir}"], tmp_path, "eval: 32 examples")
+    assert proc.returncode == 128 + signal.SIGTERM, proc.stderr
+    assert (run_dir / "eval_progress.pt").is_file() and not (run_dir / "results.json").exists()
+
+    rerun = run_cli([*args, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+    assert rerun.returncode == 0, rerun.stderr
+    resumed = [line for line in rerun.stdout.splitlines() if "evaluation resumed from eval_progress.pt" in line]
+    assert len(resumed) == 1 and "eval: 16 examples" not in rerun.stdout, rerun.stdout  # batch 1 was not redone
+    results = [json.loads((d / "results.json").read_text())["eval"] for d in (tmp_path / "straight", run_dir)]
+    assert results[0] == results[1]  # (that the RNG state carries over, tests/test_evaluate.py checks)
+    assert not (run_dir / "eval_progress.pt").exists()
 
 
 # --- Ctrl-C ---------------------------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ the same, global numbers.
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Callable, Mapping, Sequence
 
 import torch
@@ -17,6 +18,7 @@ from torch import nn
 
 from advtrain.attacks import build_attack
 from advtrain.engine.distributed import SINGLE, Dist
+from advtrain.engine.eval_progress import EvalProgress
 from advtrain.engine.results import attack_suite
 from advtrain.methods.base import View
 from advtrain.models import bind
@@ -34,23 +36,34 @@ def evaluate(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n: int 
 
 def evaluate_views(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n: int | None, batch_size: int,
                    seed: int = 0, views: Sequence[View] = PLAIN, on_progress: Callable[[str], None] | None = None,
-                   dist: Dist = SINGLE, warnings: list[str] | None = None) -> dict[str, dict]:
+                   dist: Dist = SINGLE, warnings: list[str] | None = None,
+                   progress_file: Path | None = None) -> dict[str, dict]:
     """view name -> {"n", "clean", <attack>: accuracy, ...}.
 
     `seed` seeds the attacks' random starts on a forked RNG: the numbers repeat, and the caller's stream (training
     after a periodic evaluation) goes on as if no evaluation had run. An attack made of several (AutoAttack) also
     reports the accuracy after each of its parts, as "<name>/<part>" (e.g. "autoattack/square"); the reliability
-    warnings they raise are added, once each and from every rank, to `warnings`."""
+    warnings they raise are added, once each and from every rank, to `warnings`.
+
+    `progress_file`, if given, is this rank's progress file (advtrain.engine.eval_progress): the evaluation saves
+    its state there after every batch and, run again with the same model and settings, goes on from the last batch
+    saved."""
     attacks = {name: build_attack(name, spec) for name, spec in suite.items()}
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
-    found: list[str] = []
+    kept = None if progress_file is None else EvalProgress(
+        progress_file, model, suite, n=n, batch_size=batch_size, seed=seed, views=[v.name for v in views],
+        rank=dist.rank, world_size=dist.world_size)
+    found: list[str] = list(kept.found) if kept is not None else []
+    if on_progress and kept is not None and kept.views:
+        done = ", ".join(f"{kept.done(v)[1]} examples{f' of view {v}' if v else ''}" for v in kept.views)
+        on_progress(f"evaluation resumed from {kept.path.name}: {done} already evaluated")
     try:
         with torch.random.fork_rng([device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             scores = {view.name: _evaluate(bind(model, view.cond), view.name, evalset, attacks, n, batch_size,
-                                           on_progress, dist, found) for view in views}
+                                           on_progress, dist, found, kept) for view in views}
     finally:
         model.train(was_training)
     if warnings is not None:
@@ -59,14 +72,22 @@ def evaluate_views(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n
     return scores
 
 
-def _evaluate(model, view: str, evalset, attacks, n, batch_size, on_progress, dist, found) -> dict:
+def _evaluate(model, view: str, evalset, attacks, n, batch_size, on_progress, dist, found,
+              kept: EvalProgress | None) -> dict:
     parts = {name: getattr(attack, "attack_names", []) for name, attack in attacks.items()}
     # Every key exists on every rank from the start: the counts are summed over ranks by position.
     counts = {"clean": 0, **{name: 0 for name in attacks},
               **{f"{name}/{part}": 0 for name in attacks for part in parts[name]}}
-    total = 0
+    total, skip = 0, 0
+    if kept is not None:
+        saved, total, skip = kept.done(view)
+        counts.update(saved)
     start = time.perf_counter()
-    for x, y in evalset.batches(batch_size, n, dist.rank, dist.world_size):
+    for i, (x, y) in enumerate(evalset.batches(batch_size, n, dist.rank, dist.world_size)):
+        if i < skip:  # evaluated before the run was stopped: its counts are in `counts` already
+            continue
+        if kept is not None:
+            kept.restore_rng()
         with torch.no_grad():
             clean = model(x).argmax(1) == y
         counts["clean"] += int(clean.sum())
@@ -80,6 +101,8 @@ def _evaluate(model, view: str, evalset, attacks, n, batch_size, on_progress, di
                         for w in getattr(attack, "warnings", ()))
             found.extend(w for w in labelled if w not in found)
         total += len(y)
+        if kept is not None:
+            kept.save(view, counts, total, i + 1, found)
         if on_progress:
             accs = ", ".join(f"{k} {v / total:.4f}" for k, v in counts.items() if "/" not in k)
             shard = f" (rank 0 of {dist.world_size})" if dist.enabled else ""
@@ -110,12 +133,13 @@ class RunEvaluation:
                 save_best()
         return flat(scores)
 
-    def final(self, model: nn.Module, on_progress: Callable[[str], None] | None = None):
-        """(scores per view, AutoAttack's warnings) on the test set."""
+    def final(self, model: nn.Module, on_progress: Callable[[str], None] | None = None,
+              progress_file: Path | None = None):
+        """(scores per view, AutoAttack's warnings) on the test set; kept batch by batch in `progress_file`."""
         e, warnings = self.cfg.eval, []
         scores = evaluate_views(model, self.data.test, self.suite, n=e.n, batch_size=e.batch_size, seed=e.seed,
                                 views=self.method.eval_views(), dist=self.dist, warnings=warnings,
-                                on_progress=on_progress)
+                                on_progress=on_progress, progress_file=progress_file)
         return scores, warnings
 
 

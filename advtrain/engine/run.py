@@ -18,6 +18,7 @@ from advtrain.engine.checkpoint import load_checkpoint
 from advtrain.engine.checkpointing import Checkpoints
 from advtrain.engine.context import TrainContext
 from advtrain.engine.distributed import SINGLE, Dist, rank_seed
+from advtrain.engine.eval_progress import progress_path
 from advtrain.engine.evaluate import RunEvaluation, flat
 from advtrain.engine.loop import LoopState, run_epochs
 from advtrain.engine.network import build_network, model_from_checkpoint, model_spec
@@ -108,11 +109,13 @@ def _train(cfg, dist: Dist, device_index: int, stops, ckpts: Checkpoints) -> dic
 
             run_epochs(ctx, method, data.train, cfg, state, progress=progress, save=save, on_epoch=on_epoch,
                        periodic_eval=periodic_eval if cfg.eval.every else None)
-        stops.phase = "during the final evaluation"
+        progress_file = progress_path(ckpts.run_dir, dist.rank, dist.world_size)
+        stops.phase = f"during the final evaluation (its progress is kept in {progress_file.name})"
         con.console.print(f"final evaluation on {cfg.eval.n or data.test.n_examples} test examples: "
                           f"clean, {', '.join(evaluation.suite) or 'no attacks'}")
         sync_buffers(model, dist)
-        scores, warnings = evaluation.final(model, on_progress=lambda line: con.console.print(line, markup=False))
+        scores, warnings = evaluation.final(model, on_progress=lambda line: con.console.print(line, markup=False),
+                                            progress_file=progress_file)
         (passes,) = dist.sum([counter.total])
         results = build_results(cfg, state, passes, data.train.n_examples, scores, rt,
                                 checkpoint=str(ckpts.last_path), world_size=dist.world_size, warnings=warnings,
@@ -120,6 +123,7 @@ def _train(cfg, dist: Dist, device_index: int, stops, ckpts: Checkpoints) -> dic
         if dist.is_main:
             with ckpts.reporting_full_disk(ckpts.results_path):
                 write_results(results, ckpts.results_path)
+        progress_file.unlink(missing_ok=True)  # its numbers are in results.json (on rank 0, summed over ranks)
         logged = flat(scores)
         logger.log({**{f"eval/{k}": v for k, v in logged.items() if k.rpartition("/")[2] != "n"},
                     "train_time_s": state.train_time_s})

@@ -24,7 +24,7 @@ class Interrupted(BaseException):
     failed benchmark row) may swallow wherever the signal lands."""
 
     def __init__(self, signum: int, checkpoint: str | None, previous_handler=None, *, phase: str | None = None,
-                 run_dir: Path | None = None, kept: str | None = None):
+                 run_dir: Path | None = None, kept: str | None = None, then: str | None = None):
         self.signum = signum
         self.checkpoint = checkpoint
         if isinstance(previous_handler, StopAtOnce):  # the loop ran inside it: chain what was there before us
@@ -40,26 +40,28 @@ class Interrupted(BaseException):
             saved = f"the checkpoint {kept} stands" if kept else "no checkpoint had been written yet"
         where = f" {phase}" if phase else ""
         rerun = f"a single run needs hydra.run.dir={run_dir}" if run_dir is not None else "with the same run directory"
-        super().__init__(f"stopped by {name}{where}; {saved}; to continue, rerun the command (a sweep finds its "
-                         f"folders again; {rerun}): resume=auto, the default, picks it up")
+        if then is None:  # what stands and how to go on; `then` says it where there is no training to resume
+            then = (f"{saved}; to continue, rerun the command (a sweep finds its folders again; {rerun}): "
+                    "resume=auto, the default, picks it up")
+        super().__init__(f"stopped by {name}{where}; {then}")
 
 
 class StopAtOnce:
     """Signal handler outside the loop: raise Interrupted where the program is. `phase` is kept current by the
     caller ("while loading the data", "during the final evaluation")."""
 
-    def __init__(self, run_dir: Path, kept: Callable[[], str | None]):
-        self.run_dir, self.kept = run_dir, kept
+    def __init__(self, run_dir: Path, kept: Callable[[], str | None], then: str | None = None):
+        self.run_dir, self.kept, self.then = run_dir, kept, then
         self.phase = "before training started"
         self.previous: dict[int, object] = {}
 
     def __call__(self, signum, frame) -> None:
-        raise Interrupted(signum, None, self, phase=self.phase, run_dir=self.run_dir, kept=self.kept())
+        raise Interrupted(signum, None, self, phase=self.phase, run_dir=self.run_dir, kept=self.kept(), then=self.then)
 
 
 @contextmanager
-def stop_at_once(run_dir: Path, kept: Callable[[], str | None]):
-    handler = StopAtOnce(run_dir, kept)
+def stop_at_once(run_dir: Path, kept: Callable[[], str | None], then: str | None = None):
+    handler = StopAtOnce(run_dir, kept, then)
     handler.previous = {s: signal.signal(s, handler) for s in STOP_SIGNALS}
     try:
         yield handler
