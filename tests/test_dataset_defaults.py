@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, compose_train, run_cli
+from conftest import REPO, SHARED_DATA, compose_train, run_cli
 
 CONF = REPO / "advtrain" / "conf"
 METHODS = sorted(p.stem for p in (CONF / "method").glob("*.yaml"))
@@ -135,16 +135,25 @@ CHANCE = 0.1
 LEARNED = 0.4
 
 
-@pytest.fixture
-def mnist_teacher(tmp_path, mnist_root) -> Path:
-    """What a newcomer trains first for a method that learns from a teacher (RRM): the newcomer run of PGD-AT."""
-    run_dir = tmp_path / "teacher"
-    run_dir.mkdir()
-    proc = run_cli(["method=pgd", "dataset=mnist", "arch=mnist_net", f"dataset.root={mnist_root}",
-                    "dataset.train_subset=2000", "trainer.epochs=2", "attack=[]", "logger=none",
-                    f"hydra.run.dir={run_dir}"], cwd=run_dir, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return run_dir / "checkpoints" / "last.pt"
+@pytest.fixture(scope="module")
+def newcomer_run(tmp_path_factory):
+    """newcomer_run(method) -> its run folder: a newcomer's first run (2 epochs of 2000 MNIST images, 32 updates)
+    with the method's defaults, each run once per module: RRM's teacher is the newcomer's PGD-AT run."""
+    if not (SHARED_DATA / "MNIST" / "raw").is_dir():
+        pytest.skip(f"real MNIST not found under {SHARED_DATA}")
+    runs: dict[str, Path] = {}
+
+    def run(method: str) -> Path:
+        if method not in runs:
+            run_dir = tmp_path_factory.mktemp(method) / "run"
+            needs = NEEDS[method](run("pgd") / "checkpoints" / "last.pt") if method in NEEDS else []
+            proc = run_cli([f"method={method}", "dataset=mnist", "arch=mnist_net", f"dataset.root={SHARED_DATA}",
+                            "dataset.train_subset=2000", "trainer.epochs=2", "attack=[]", "eval.n=500",
+                            "logger=none", *needs, f"hydra.run.dir={run_dir}"], cwd=run_dir.parent, timeout=900)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+            runs[method] = run_dir
+        return runs[method]
+    return run
 
 
 # What a method needs besides its defaults: OAT and OATS condition BatchNorm (mnist_net has none), RRM a teacher.
@@ -154,15 +163,9 @@ NEEDS = {"oat": lambda teacher: ["arch=bn_cnn"], "oats": lambda teacher: ["arch=
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", METHODS)
-def test_newcomer_mnist_run_learns(method, tmp_path, mnist_root, request):
+def test_newcomer_mnist_run_learns(method, newcomer_run):
     """A newcomer's first run: 2 epochs of 2000 MNIST images (32 updates) with each method's defaults."""
-    run_dir = tmp_path / "run"
-    needs = NEEDS[method](request.getfixturevalue("mnist_teacher") if method == "rrm" else None) \
-        if method in NEEDS else []
-    proc = run_cli([f"method={method}", "dataset=mnist", "arch=mnist_net", f"dataset.root={mnist_root}",
-                    "dataset.train_subset=2000", "trainer.epochs=2", "attack=[pgd20]", "eval.n=500", "logger=none",
-                    *needs, f"hydra.run.dir={run_dir}"], cwd=tmp_path, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_dir = newcomer_run(method)
     config = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
     assert recipe(config) == MNIST_RECIPE  # the run trained with the dataset's recipe
     clean = json.loads((run_dir / "results.json").read_text())["eval"]["clean"]
