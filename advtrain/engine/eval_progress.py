@@ -50,7 +50,6 @@ class EvalProgress:
         self.views: dict[str, dict] = {}   # view -> {"counts", "total", "batches"}
         self.found: list[str] = []
         self.rng: dict | None = None
-        self.ignored = False                # a file for another evaluation was there (and is replaced)
         self._load()
 
     def _load(self) -> None:
@@ -59,10 +58,8 @@ class EvalProgress:
         try:
             saved = torch.load(self.path, map_location="cpu", weights_only=True)
         except Exception:  # unreadable: start over (the next save replaces it)
-            self.ignored = True
             return
-        if not isinstance(saved, dict) or saved.get("key") != self.key:
-            self.ignored = True
+        if not isinstance(saved, dict) or saved.get("key") != self.key:  # another evaluation's: start over
             return
         self.views, self.found, self.rng = saved["views"], list(saved["found"]), saved["rng"]
 
