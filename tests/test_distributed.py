@@ -103,8 +103,9 @@ def test_evaluation_shards_cover_the_first_n_examples_once():
 # --- end to end ------------------------------------------------------------------------------------------------
 
 # No BN in mnist_net; PGD without a random start; batch 63 so shards (31/32) and the last batch (59 rows) are uneven.
-DDP_ARGS = [*TINY, "method=pgd", "method.start=none", "method.steps=3", "trainer.batch_size=63",
-            "dataset.n_train=500", "trainer.deterministic=true", "trainer.log_every_s=0", "trainer.epochs=3"]
+PGD_ARGS = ["method=pgd", "method.start=none", "method.steps=3"]
+SHARD_ARGS = ["trainer.batch_size=63", "dataset.n_train=500", "trainer.deterministic=true", "trainer.log_every_s=0"]
+DDP_ARGS = [*TINY, *PGD_ARGS, *SHARD_ARGS, "trainer.epochs=3"]
 
 
 def _weights(run: Path) -> dict:
@@ -126,20 +127,28 @@ def two_rank_run(tmp_path_factory) -> Path:
     return run
 
 
+# PGD's sign steps make a trajectory chaotic: a gradient entry near 0 that float noise flips moves a pixel by 2 alpha,
+# and from the second epoch on the one- and two-process runs part by 1e-5 to 1e-4 (thread counts decide when). So the
+# trajectory is compared where it is smooth: natural training over 3 epochs (the ranks' reshuffling of every epoch)
+# and one epoch of PGD (the attack on each rank's shard). Both agree to float rounding, about 3e-8.
 @pytest.mark.slow
-def test_two_ranks_take_the_single_process_weight_trajectory(two_rank_run, tmp_path):
-    one = tmp_path / "one"
-    proc = run_cli([*DDP_ARGS, f"hydra.run.dir={one}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    _assert_same_weights(one, two_rank_run, atol=1e-5)
-    r1, r2 = (json.loads((run / "results.json").read_text()) for run in (one, two_rank_run))
+@pytest.mark.parametrize("method,epochs,passes", [(["method=natural"], 3, 1), (PGD_ARGS, 1, 3 + 1)])
+def test_two_ranks_take_the_single_process_weight_trajectory(method, epochs, passes, tmp_path):
+    args = [*TINY, *method, *SHARD_ARGS, f"trainer.epochs={epochs}"]
+    one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
+    for run, devices in ((one, 1), (two, 2)):
+        run.parent.mkdir()
+        proc = run_cli([*args, f"trainer.devices={devices}", f"hydra.run.dir={run}"], cwd=run.parent)
+        assert proc.returncode == 0, proc.stderr
+    _assert_same_weights(one, two, atol=1e-6)
+    r1, r2 = (json.loads((run / "results.json").read_text()) for run in (one, two))
     assert (r1["world_size"], r2["world_size"]) == (1, 2)
-    assert r2["passes_per_example"] == pytest.approx(r1["passes_per_example"]) == pytest.approx(3 + 1)
+    assert r2["passes_per_example"] == pytest.approx(r1["passes_per_example"]) == pytest.approx(passes)
     assert r2["eval"]["n"] == r1["eval"]["n"] == 128  # sharded evaluation, counts summed over the ranks
     assert r2["eval"]["clean"] == pytest.approx(r1["eval"]["clean"], abs=1 / 128)
     assert [h["train/loss"] for h in r2["history"]] == pytest.approx([h["train/loss"] for h in r1["history"]],
-                                                                       rel=1e-4)
-    assert list(two_rank_run.parent.iterdir()) == [two_rank_run]  # the ranks made no folders of their own
+                                                                       rel=1e-5)
+    assert list(two.parent.iterdir()) == [two]  # the ranks made no folders of their own
 
 
 def _start(args: list[str], cwd: Path) -> subprocess.Popen:
