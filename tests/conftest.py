@@ -11,6 +11,11 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 
+# Under pytest-xdist (the README's `-n 2`) every worker, and every advtrain it starts, keeps to one intra-op thread:
+# two workers with a thread per core each would leave OpenMP threads spin-waiting for cores the other one holds.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+
 REPO = Path(__file__).resolve().parents[1]
 # Real MNIST / Fashion-MNIST in torchvision's layout: $ADVTRAIN_DATA (the folder advtrain's dataset.root defaults to),
 # else ../shared/data beside the checkout; tests that need them skip where neither holds them.

@@ -10,7 +10,7 @@ import pytest
 
 from advtrain.report import main
 from advtrain.report.table import aggregate, collect, metric_names
-from wandb_records import _chunks, read_run
+from wandb_records import _chunks, read_run, wait_until_written
 
 # (method, dataset, arch, seed, train_time_s, passes_per_example, eval accuracies as fractions)
 RUNS = [
@@ -133,8 +133,8 @@ def test_wandb_offline_run_holds_the_table_and_plot(sweep, tmp_path, capsys, mon
     status, _, err = report([sweep, "--wandb-project", "advtrain-test", "--wandb-group", "g"], capsys)
     assert status == 0, err
     run_files = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
-    assert len(run_files) == 1 and run_files[0].stat().st_size > 0
-    assert _run_record(run_files[0]) == ("advtrain-test", "g", "report")
+    assert len(run_files) == 1
+    assert _run_record(wait_until_written(run_files[0])) == ("advtrain-test", "g", "report")
     logged = {key: value for row in read_run(run_files[0])["history"] for key, value in row.items()}
     assert logged["report/_type"] == "table-file" and logged["report/nrows"] == 4
     assert logged["autoattack_vs_train_time/_type"] == "image-file"
