@@ -270,3 +270,40 @@ def test_the_plot_axis_stays_readable_when_runs_agree(tmp_path):
     assert y_limits([99.5, 99.5]) == (90.0, 100.0) and y_limits([0.0]) == (0.0, 10.0)
     low, high = y_limits([10.0, 90.0])
     assert low < 10 and high > 90 and 0 <= low and high <= 100
+
+
+def _tradeoff_run(folder: Path, method: str, arch: str, method_cfg: dict, eval_: dict, views=None) -> None:
+    folder.mkdir(parents=True)
+    config = {"seed": 0, "dataset": {"name": "fashion_mnist", "eps": 0.1}, "arch": {"name": arch},
+              "method": {"name": method, **method_cfg}, "trainer": {"epochs": 10}, "eval": {"n": 1000}}
+    results = {"kind": "train", "method": method, "dataset": "fashion_mnist", "arch": arch, "epochs": 10, "seed": 0,
+               "train_time_s": 10.0, "passes_per_example": 9.0, "eval": eval_, "config": config,
+               **({"views": views} if views else {})}
+    (folder / "results.json").write_text(json.dumps(results))
+
+
+def test_the_tradeoff_plot_sets_the_one_model_against_a_run_per_setting(tmp_path, capsys):
+    from advtrain.report.plot import tradeoff_series
+
+    acc = lambda clean, aa: {"n": 1000, "clean": clean, "autoattack": aa}  # noqa: E731
+    views = {"lambda=0": acc(0.90, 0.10), "lambda=0.5": acc(0.88, 0.55), "lambda=1": acc(0.86, 0.64)}
+    _tradeoff_run(tmp_path / "oat", "oat", "bn_cnn", {"lambdas": [0, 0.5, 1]}, views["lambda=0"], views)
+    for i, (lam, clean, aa) in enumerate([(1.0, 0.83, 0.65), (0.0, 0.91, 0.0), (0.5, 0.87, 0.58)]):
+        _tradeoff_run(tmp_path / "dedicated" / str(i), "pgd", "bn_cnn", {"adv_weight": lam}, acc(clean, aa))
+    _tradeoff_run(tmp_path / "other_arch" / "0", "pgd", "mnist_net", {"adv_weight": 0.0}, acc(0.9, 0.0))
+    _tradeoff_run(tmp_path / "other_arch" / "1", "pgd", "mnist_net", {"adv_weight": 1.0}, acc(0.8, 0.6))
+    _tradeoff_run(tmp_path / "lone", "trades", "bn_cnn", {}, acc(0.85, 0.6))
+
+    from advtrain.report.table import expand_views
+    rows = aggregate(expand_views(collect(tmp_path)), ["clean", "autoattack"])
+    one_model, dedicated = tradeoff_series(rows, "autoattack")  # no line for other arches or a lone run
+    assert one_model.one_model and one_model.label == "oat (fashion_mnist / bn_cnn)"
+    assert [p[2] for p in one_model.points] == ["lambda=0", "lambda=0.5", "lambda=1"]
+    assert [v for p in one_model.points for v in p[:2]] == pytest.approx([90, 10, 88, 55, 86, 64])
+    assert not dedicated.one_model and dedicated.label == "pgd, a run per method.adv_weight (fashion_mnist / bn_cnn)"
+    assert [p[2] for p in dedicated.points] == ["0.0", "0.5", "1.0"]  # in the setting's order, not the folders'
+    assert [v for p in dedicated.points for v in p[:2]] == pytest.approx([91, 0, 87, 58, 83, 65])
+
+    status, _, err = report([tmp_path, "--out", tmp_path / "report"], capsys)
+    assert status == 0, err
+    assert (tmp_path / "report" / "report_views.png").stat().st_size > 10_000

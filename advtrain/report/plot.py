@@ -5,7 +5,8 @@ their count, never hidden behind each other; the accuracy axis stays in [0, 100]
 equal runs do not zoom it onto a sliver."""
 from __future__ import annotations
 
-from collections import Counter
+from collections import Counter, defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import matplotlib
@@ -60,25 +61,67 @@ def y_limits(values_pct: list[float], min_span: float = 10.0) -> tuple[float, fl
     return lo, hi
 
 
-def write_tradeoff_png(rows, metric: str, path: Path) -> None:
-    """report_views.png: for each method evaluated in several views (OAT's lambdas), clean against `metric` accuracy
-    per view, joined in view order: the trade-off one model offers at test time."""
-    families: dict = {}
+@dataclass
+class Series:
+    """One line of report_views.png: (clean %, metric %, label) points in drawing order."""
+    label: str
+    points: list[tuple[float, float, str]]
+    one_model: bool  # True: one model's views (solid line); False: separate runs, one per setting (dashed)
+
+
+def tradeoff_series(rows, metric: str) -> list[Series]:
+    """Every method evaluated in several views (OAT's lambdas), joined in view order; then, beside them, every method
+    of the same dataset and arch trained once per setting (the dedicated PGD-AT run at each lambda), joined in the
+    setting's order, so the one model's curve sits against the models it stands in for."""
+    def scored(row):
+        return row.acc_pct.get(metric, (None,))[0] is not None and row.acc_pct.get("clean", (None,))[0] is not None
+
+    families: dict = defaultdict(list)
     for row in rows:
-        if row.view and row.acc_pct.get(metric, (None,))[0] is not None:
-            families.setdefault((row.method, row.dataset, row.arch, row.differs), []).append(row)
+        if scored(row):
+            families[(bool(row.view), row.method, row.dataset, row.arch, row.differs if row.view else "")].append(row)
+    places = {(dataset, arch) for has_views, _, dataset, arch, _ in families if has_views}
+    series = []
+    for (has_views, method, dataset, arch, differs), family in sorted(families.items(), key=lambda kv: not kv[0][0]):
+        if has_views:
+            label = f"{method} ({dataset} / {arch}{', ' + differs if differs else ''})"
+            notes = [r.view for r in family]
+        elif (dataset, arch) in places and len(family) > 1 and all(r.differs for r in family):
+            keys = sorted({part.split("=")[0] for r in family for part in r.differs.split(", ")})
+            single = len(keys) == 1
+            label = f"{method}, a run per {', '.join(keys)} ({dataset} / {arch})"
+            notes = [r.differs.split("=", 1)[1] if single else r.differs for r in family]
+            if single:
+                family, notes = zip(*sorted(zip(family, notes), key=lambda rn: _number_or_text(rn[1])))
+        else:
+            continue
+        series.append(Series(label, [(r.acc_pct["clean"][0], r.acc_pct[metric][0], note)
+                                     for r, note in zip(family, notes)], one_model=has_views))
+    return series
+
+
+def _number_or_text(text: str) -> tuple:
+    try:
+        return (0, float(text), "")
+    except ValueError:
+        return (1, 0.0, text)
+
+
+def write_tradeoff_png(rows, metric: str, path: Path) -> None:
+    """report_views.png: clean against `metric` accuracy, a solid line per model evaluated in several views (the
+    trade-off it offers at test time), a dashed one per method trained once per setting beside it."""
+    series = tradeoff_series(rows, metric)
     fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=150)
-    for i, ((method, dataset, arch, differs), family) in enumerate(sorted(families.items())):
-        xs = [r.acc_pct["clean"][0] for r in family]
-        ys = [r.acc_pct[metric][0] for r in family]
-        label = f"{method} ({dataset} / {arch}{', ' + differs if differs else ''})"
-        ax.plot(xs, ys, marker="o", color=plt.cm.tab10(i % 10), label=label)
-        for r, x, y in zip(family, xs, ys):
-            ax.annotate(r.view, (x, y), xytext=(4, 3), textcoords="offset points", fontsize="x-small")
+    for i, line in enumerate(series):
+        xs, ys, notes = zip(*line.points)
+        ax.plot(xs, ys, marker="o" if line.one_model else "s", linestyle="-" if line.one_model else "--",
+                color=plt.cm.tab10(i % 10), label=line.label)
+        for x, y, note in line.points:
+            ax.annotate(note, (x, y), xytext=(4, 3), textcoords="offset points", fontsize="x-small")
     ax.set_xlabel("clean accuracy (%)")
     ax.set_ylabel(f"{metric} accuracy (%)")
-    ax.set_ylim(*y_limits([r.acc_pct[metric][0] for f in families.values() for r in f]))
-    ax.set_title(f"{metric} against clean accuracy, one point per evaluation view")
+    ax.set_ylim(*y_limits([y for line in series for _, y, _ in line.points]))
+    ax.set_title(f"{metric} against clean accuracy: one model's views, and a run per setting")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.savefig(path, bbox_inches="tight")
