@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import struct
-import time
 from pathlib import Path
 from typing import Iterator
 
@@ -35,22 +34,6 @@ def _chunks(path: Path) -> Iterator[bytes]:
             yield pending + chunk
         else:
             return
-
-
-def wait_until_written(path: Path, timeout_s: float = 120) -> Path:
-    """`path` once its exit record is on disk. wandb.finish() in the test's own process can return before W&B's
-    service has written the run out (seen on a loaded machine), so an in-process reader waits for that record."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        kinds = set()
-        for raw in _chunks(path):
-            record = pb.Record()
-            record.ParseFromString(raw)
-            kinds.add(record.WhichOneof("record_type"))
-        if "exit" in kinds:
-            return path
-        assert time.monotonic() < deadline, f"W&B wrote no exit record to {path} in {timeout_s} s; it holds {kinds}"
-        time.sleep(0.1)
 
 
 def read_run(path: Path) -> dict:
