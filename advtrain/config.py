@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, OmegaConfBaseException
 
 from advtrain.errors import ConfigError
-from advtrain.schema import AttackConfig
+from advtrain.schema import SEED_MAX, AttackConfig
 
 
 
@@ -42,8 +42,9 @@ def parse_pixel(value: Any, key: str) -> float:
 
 POSITIVE = ("trainer.epochs", "trainer.batch_size", "trainer.devices", "eval.batch_size", "eval.every_n",
             "trainer.nan_check_every", "optim.lr", "logger.init_timeout_s")
+# trainer.log_every_s=0 is meaningful: a progress line at every step.
 NON_NEGATIVE = ("trainer.checkpoint_every", "eval.every", "dataset.val_size", "dataset.crop_padding",
-                "optim.weight_decay", "dataset.pgd_steps", "trainer.eps_warmup")
+                "optim.weight_decay", "dataset.pgd_steps", "trainer.log_every_s")
 
 
 # --- checking ---------------------------------------------------------------------------------------------------
@@ -72,7 +73,34 @@ def _check_section(section: Any, schema, prefix: str) -> dict:
         valid = f.metadata.get("choices")
         if valid and str(out[f.name]).lower() not in valid:
             raise ConfigError(f"{prefix}.{f.name}={out[f.name]!r} is not valid; choose one of: {', '.join(valid)}")
+        _check_finite(out[f.name], f"{prefix}.{f.name}", f)
+        if "range" in f.metadata:
+            _check_range(out[f.name], f"{prefix}.{f.name}", *f.metadata["range"], f.metadata["what"])
     return out
+
+
+def _check_finite(value: Any, key: str, f) -> None:
+    """NaN and infinity pass every comparison check (nan < 0 is false) and then fail deep inside torch, or silently
+    train on nonsense: no setting takes them."""
+    values = value if isinstance(value, list) else [value]
+    if any(isinstance(v, float) and not math.isfinite(v) for v in values):
+        default = f.default_factory() if callable(f.default_factory) else f.default
+        example = f" (the default is {default})" if default is not None and default != "???" else ""
+        raise ConfigError(f"{key}={value!r}: expected a finite number{example}")
+
+
+def _bound(x: float) -> str:
+    return "2**64 - 1" if x == SEED_MAX else f"{x:g}" if isinstance(x, float) else str(x)
+
+
+def _check_range(value: Any, key: str, low: float, high: float | None, what: str) -> None:
+    values = value if isinstance(value, list) else [value]
+    if all(v is None or (low <= v and (high is None or v <= high)) for v in values):
+        return
+    bounds = f">= {_bound(low)}" if high is None else f"in [{_bound(low)}, {_bound(high)}]"
+    if isinstance(value, list):
+        raise ConfigError(f"{key}={value!r}: each value is {what}: choose values {bounds}")
+    raise ConfigError(f"{key}={value!r} is {what}: choose a value {bounds}")
 
 
 def _unknown_key(full_key: str, key: str, valid: list[str]) -> str:
@@ -92,11 +120,13 @@ TOP_LEVEL = {"dataset", "arch", "method", "attack", "optim", "schedule", "traine
              "seed", "resume", "experiment", "checkpoint"}
 
 
-def check_config(cfg: DictConfig, sections: dict[str, type]) -> DictConfig:
+def check_config(cfg: DictConfig, sections: dict[str, type], overrides: list[str] | None = None) -> DictConfig:
     """Check and normalise a composed config: returns a resolved copy with pixel values as floats.
 
     `sections` maps each top-level section to its schema; `method` and `attack` are checked against the plug-ins'
-    own schemas. Raises ConfigError (one line) on the first problem.
+    own schemas. `overrides`: the command line's overrides (default: those of the running Hydra job, if any), where
+    what composition merged away is still visible (an attack named twice). Raises ConfigError (one line) on the
+    first problem.
     """
     try:
         raw = OmegaConf.to_container(cfg, resolve=True)
@@ -118,16 +148,89 @@ def check_config(cfg: DictConfig, sections: dict[str, type]) -> DictConfig:
     for key in NON_NEGATIVE:
         if key.split(".")[0] in out and _get(out, key) < 0:
             raise ConfigError(f"{key}={_get(out, key)!r} must be >= 0")
-    if "trainer" in out and out["trainer"].get("eps_warmup", 0) > 1:
-        raise ConfigError(f"trainer.eps_warmup={out['trainer']['eps_warmup']!r} is a fraction of training: "
-                          "choose a value in [0, 1]")
     n = (out.get("eval") or {}).get("n")
     if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
         raise ConfigError(f"eval.n={n!r} must be a positive number of test examples, or null for the whole test set")
-    if "seed" in out and not isinstance(out["seed"], int):
+    if "seed" in out and (isinstance(out["seed"], bool) or not isinstance(out["seed"], int)):
         raise ConfigError(f"seed={out['seed']!r}: expected an integer")
+    if "seed" in out and not 0 <= out["seed"] <= SEED_MAX:
+        raise ConfigError(f"seed={out['seed']!r} is outside the seeds torch and numpy take: choose an integer in "
+                          f"[0, 2**64 - 1]")
+    if "optim" in out:
+        _check_betas(out["optim"].get("betas"))
+    if "arch" in out:
+        _check_arch(out["arch"])
+    if "dataset" in out:
+        _check_dataset_sizes(out["dataset"], n)
+    if "attack" in raw:
+        _check_attack_names(overrides)
     _check_optional_packages(out)
     return OmegaConf.create(out)
+
+
+def _check_betas(betas: Any) -> None:
+    if betas is None:
+        return
+    if len(betas) != 2 or not all(0 <= b < 1 for b in betas):
+        raise ConfigError(f"optim.betas={betas!r}: Adam's betas are exactly two numbers in [0, 1), e.g. [0.9, 0.999]")
+
+
+def _check_arch(arch: dict) -> None:
+    from advtrain.models import check_arch
+
+    check_arch(arch["name"], depth=arch.get("depth"), widen_factor=arch.get("widen_factor"),
+               dropout=arch.get("dropout", 0.0))
+
+
+def _check_dataset_sizes(dataset: dict, eval_n: int | None) -> None:
+    """mean/std and eval.n against the dataset's channels and test set, where they are known before any file is
+    read (the data build checks mean/std again once the images are read)."""
+    from advtrain.data.build import known_sizes
+
+    std = dataset.get("std") or []
+    if any(s <= 0 for s in std):
+        raise ConfigError(f"dataset.std={std!r}: the per-channel standard deviations the model divides by must be > 0")
+    channels, n_test = known_sizes(dataset)
+    for key in ("mean", "std"):
+        values = dataset.get(key)
+        if channels is not None and values is not None and len(values) not in (1, channels):
+            raise ConfigError(f"dataset.{key}={values!r} has {len(values)} values but {dataset['name']} images have "
+                              f"{channels} channel{'s' * (channels != 1)}: give one value per channel, or one for all")
+    check_eval_n(eval_n, n_test, dataset.get("name"))
+
+
+def check_eval_n(n: int | None, n_test: int | None, dataset: str | None = None) -> None:
+    """eval.n beyond the test set would be recorded in results.json as the number evaluated while fewer were; call it
+    with data.test.n_examples once the data is built where the size was not known before (dataset=imagefolder)."""
+    if n is not None and n_test is not None and n > n_test:
+        where = f" of {dataset}" if dataset else ""
+        raise ConfigError(f"eval.n={n} is more than the {n_test} test examples{where}: choose at most {n_test}, "
+                          "or eval.n=null for the whole test set")
+
+
+def _check_attack_names(overrides: list[str] | None) -> None:
+    """Composing attack=[pgd20,pgd20] merges the two into one entry, so the suite would run one attack where two
+    were asked for: only the overrides still show the repetition."""
+    if overrides is None:
+        from hydra.core.hydra_config import HydraConfig
+
+        if not HydraConfig.initialized():
+            return
+        overrides = list(HydraConfig.get().overrides.task)
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides)
+    except Exception:  # Hydra has parsed these already; an override it takes and this parser does not is no repeat
+        return
+    for override in parsed:
+        if override.key_or_group != "attack" or not isinstance(override.value(), list):
+            continue
+        names = [str(name) for name in override.value()]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ConfigError(f"attack={override.get_value_element_as_str()} names {repeated[0]} more than once; name "
+                              f"each attack once, e.g. attack=[{','.join(dict.fromkeys(names))}]")
 
 
 def _check_optional_packages(cfg: dict) -> None:
@@ -177,3 +280,20 @@ def _check_attacks(section: Any) -> dict:
             raise ConfigError(f"attack.{name}.restarts={spec['restarts']} must be >= 1")
     return suite
 
+
+# The trainer keys an evaluation reads: where it runs and in what precision (and devices, which must be 1).
+EVAL_TRAINER_KEYS = ("accelerator", "precision", "devices")
+
+
+def check_eval_trainer(trainer: Any) -> None:
+    """advtrain-eval's trainer section (`cfg.trainer` of its composed config, conf/eval.yaml: accelerator and
+    precision unless the user added keys with +trainer.KEY=...). A training-only key there (+trainer.epochs=3) would
+    be accepted and ignored, so it is refused, naming the keys that do change an evaluation."""
+    if trainer is None:
+        return
+    if not isinstance(trainer, (dict, DictConfig)):
+        raise ConfigError(f"trainer={trainer!r}: expected a config group (a mapping), not a single value")
+    extra = [key for key in trainer if key not in EVAL_TRAINER_KEYS]
+    if extra:
+        raise ConfigError(f"trainer.{extra[0]} has no effect on advtrain-eval, which evaluates a trained checkpoint; "
+                          "the trainer keys it takes: accelerator, precision (and devices, which must be 1)")

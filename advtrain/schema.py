@@ -2,7 +2,8 @@
 
 Methods declare their own section's schema next to their code (`Method.Config`, a `MethodConfig`); `pixel()` marks
 the fields in [0, 1] pixel units that also accept fractions such as "8/255", `choice()` the fields with a fixed set
-of values (advtrain.config parses and checks both, naming the field and what is valid).
+of values, `in_range()` the numbers with bounds (step counts, fractions of training, seeds); advtrain.config parses
+and checks all three, naming the field and what is valid. Every float of every section must also be finite.
 """
 from __future__ import annotations
 
@@ -22,6 +23,34 @@ def choice(*options: str, default: Any = None, trajectory: bool = False) -> Any:
     `default` says otherwise (MISSING: the YAML must choose)."""
     return field(default=options[0] if default is None else default,
                  metadata={"choices": options, "trajectory": trajectory})
+
+
+def in_range(low: float, high: float | None = None, default: Any = MISSING, *, what: str, factory: Any = None,
+             trajectory: bool = False) -> Any:
+    """A number in [low, high] (no upper bound when high is None), or a list of such numbers; None passes where the
+    type allows it. `what` names the quantity in messages, e.g. "the attack's step count (0: no attack steps)"."""
+    metadata = {"range": (low, high), "what": what, "trajectory": trajectory}
+    if factory is not None:
+        return field(default_factory=factory, metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def attack_steps(default: Any = MISSING, *, zero: str | None = None) -> Any:
+    """A method's attack step count: at least 1, or at least 0 where the method gives 0 a meaning (`zero` says which:
+    under steps_schedule=magnitude, PGD-AT and TRADES start from 0 steps)."""
+    if zero is None:
+        return in_range(1, None, default, what="the attack's step count")
+    return in_range(0, None, default, what=f"the attack's step count (0: {zero})")
+
+
+def count(default: Any = MISSING, *, low: int = 1, what: str) -> Any:
+    """A whole number of something (replays, examples, epochs) of at least `low`."""
+    return in_range(low, None, default, what=what)
+
+
+SEED_MAX = 2**64 - 1  # torch.manual_seed's largest seed; numpy's SeedSequence (the data split) takes no negative one
+SEED = "a seed (for torch and numpy)"
+FRACTION = "a fraction of training"
 
 
 def traj(default: Any = MISSING, *, factory: Any = None) -> Any:
@@ -89,11 +118,11 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     name: str = choice("constant", "piecewise", "cosine", "cyclic", default=MISSING)
-    milestones: List[float] = field(default_factory=lambda: [0.5, 0.75])  # piecewise: fractions of training
+    milestones: List[float] = in_range(0, 1, factory=lambda: [0.5, 0.75], what=FRACTION)  # piecewise
     gamma: float = 0.1                       # piecewise: LR factor at each milestone
-    warmup: float = 0.0                      # fraction of training with a linear ramp from 0
-    peak_at: float = 0.4                     # cyclic: fraction of training where the triangle peaks
-    final_factor: float = 0.0                # cosine/cyclic: LR at the end, as a fraction of the peak
+    warmup: float = in_range(0, 1, 0.0, what=FRACTION)   # with a linear ramp from 0
+    peak_at: float = in_range(0, 1, 0.4, what=FRACTION)  # cyclic: where the triangle peaks
+    final_factor: float = in_range(0, 1, 0.0, what="the final LR as a fraction of the peak LR")  # cosine/cyclic
 
 
 @dataclass
@@ -105,8 +134,8 @@ class TrainerConfig:
     accelerator: str = choice("auto", "cpu", "cuda")
     precision: str = choice("auto", "fp32", "bf16", "fp16")  # auto: bf16 on CUDA, fp32 on CPU; fp16 with loss scaling
     channels_last: str = choice("auto", "true", "false")     # auto: on CUDA
-    eps_warmup: float = traj(0.0)            # fraction of training over which eps and every attack step size
-                                             # ramp up linearly from 0 (0: the full threat model from the start)
+    eps_warmup: float = in_range(0, 1, 0.0, what=FRACTION, trajectory=True)  # over which eps and every attack
+                                             # step size ramp up linearly from 0 (0: the full threat model at once)
     compile: bool = False
     compile_mode: str = choice("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     deterministic: bool = False
@@ -122,7 +151,7 @@ class EvalConfig:
     batch_size: int = 500
     every: int = 0                           # epochs between periodic evaluations (0 = only at the end)
     every_n: int = 1000                      # examples in each periodic evaluation
-    seed: int = 0                            # the attacks' random starts: the same checkpoint gives the same numbers
+    seed: int = in_range(0, SEED_MAX, 0, what=SEED)  # the attacks' random starts: the same checkpoint, the same numbers
 
 
 @dataclass
@@ -147,7 +176,7 @@ class AttackConfig:
     norm: str = choice("linf", "l2")
     loss: str = choice("ce", "cw")
     version: str = "standard"                # autoattack
-    seed: int = 0                            # autoattack
+    seed: int = in_range(0, SEED_MAX, 0, what=SEED)  # autoattack
     attacks: Optional[List[str]] = None           # autoattack version=custom
 
 

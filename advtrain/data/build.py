@@ -28,6 +28,19 @@ _READERS = {  # name -> (reader(root, download=, check=), number of classes)
     "svhn": (read_svhn, 10),
 }
 _SPLIT_STREAM = 1  # the validation split's stream of the run seed, independent of shuffling and synthetic data
+# What the official files hold, known before reading them, so the config checks can compare eval.n and mean/std
+# with them before a run starts (imagefolder converts every image to RGB; its test set is counted only when read).
+_CHANNELS = {"mnist": 1, "fashion_mnist": 1, "cifar10": 3, "cifar100": 3, "svhn": 3, "imagefolder": 3}
+_TEST_SIZES = {"mnist": 10000, "fashion_mnist": 10000, "cifar10": 10000, "cifar100": 10000, "svhn": 26032}
+
+
+def known_sizes(cfg) -> tuple[int | None, int | None]:
+    """(image channels, test examples) of the dataset section `cfg` as far as they are known without reading any
+    file; None where they are not (an image folder's test set, a synthetic shape not given)."""
+    if cfg.get("name") == "synthetic":
+        shape = cfg.get("shape")
+        return (int(shape[0]) if shape else None), cfg.get("n_test")
+    return _CHANNELS.get(cfg.get("name")), _TEST_SIZES.get(cfg.get("name"))
 
 
 @dataclass(frozen=True)

@@ -12,6 +12,8 @@ from typing import NamedTuple, Protocol, runtime_checkable
 import torch
 from torch import Tensor
 
+from advtrain.errors import ConfigError
+
 from .augment import apply_augmentation, sample_augmentation
 from .errors import DataError
 
@@ -57,7 +59,15 @@ def shard(n: int, rank: int, world_size: int) -> slice:
 
 
 def batches_per_epoch(n_examples: int, batch_size: int, world_size: int) -> int:
-    """Global batches per epoch, the last partial one included unless it has fewer rows than there are ranks."""
+    """Global batches per epoch, the last partial one included unless it has fewer rows than there are ranks.
+
+    A batch larger than the training set is refused: each epoch would be one update, and the schedules (an LR and an
+    eps warm-up from 0 at the start of training) would spend the run's few updates at or near zero. It is checked
+    here, when training first asks how long an epoch is (before any file of the run is written), rather than when
+    the data is built, because advtrain-eval builds the same loader with its evaluation batch size."""
+    if batch_size > n_examples:
+        raise ConfigError(f"trainer.batch_size={batch_size} is larger than the {n_examples} training examples (after "
+                          f"dataset.train_subset and dataset.val_size): choose at most {n_examples}")
     full, rest = divmod(n_examples, batch_size)
     return full + (1 if rest >= world_size else 0)
 

@@ -30,7 +30,7 @@ from torch.nn import functional as F
 from advtrain.methods.base import Method, accuracy, config_of
 from advtrain.methods.pgd import PGDAT
 from advtrain.methods.trades import TRADES, trades_terms
-from advtrain.schema import MethodConfig, choice, pixel
+from advtrain.schema import MethodConfig, attack_steps, choice, count, pixel
 
 GAMMA = {"pgd": 0.01, "trades": 0.005}   # the authors' AT-AWP and TRADES-AWP scripts
 WARMUP_EPOCHS = {"pgd": 0, "trades": 10}  # TRADES-AWP starts perturbing at epoch 10 (of 200)
@@ -81,13 +81,14 @@ class AWP(Method):
         base: str = choice("pgd", "trades")
         eps: Any = pixel()
         alpha: Any = pixel()          # the base attack's step size
-        steps: int = 10               # the base attack's steps
+        steps: int = attack_steps(10, zero="clean inputs")  # the base attack's steps
         start: str = choice("uniform", "uniform_raw", "none")  # PGD-AT's random start
         beta: float = 6.0             # TRADES' weight of the KL term
         init_std: float = 0.001       # TRADES' Gaussian start
         bn: str = choice("eval", "train", "keep")  # BN mode while attacking
         gamma: Optional[float] = None  # perturbation size relative to each layer's norm (null: 0.01 AT, 0.005 TRADES)
-        warmup_epochs: Optional[int] = None  # epochs of the base method alone first (null: 0 AT, 10 TRADES)
+        # epochs of the base method alone first (null: 0 AT, 10 TRADES)
+        warmup_epochs: Optional[int] = count(None, low=0, what="a number of epochs")
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)

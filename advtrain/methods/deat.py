@@ -24,7 +24,7 @@ import torch
 
 from advtrain.attacks import random_init
 from advtrain.errors import ConfigError
-from advtrain.schema import MethodConfig, choice, pixel
+from advtrain.schema import MethodConfig, choice, count, in_range, pixel
 from advtrain.methods.base import Method
 from advtrain.methods.replay import carried_buffer, replay
 from advtrain.methods.schedules import AccuracyRule, FixedRule, GradMagnitude, MagnitudeRule, Rule
@@ -41,10 +41,11 @@ class DEAT(Method):
         tau: Any = pixel(None)         # start radius, delta ~ U(-tau, tau); None = eps (8/255 in the paper)
         carry: bool = False            # keep delta across minibatches (FREE's buffer) instead of a fresh start
         rule: str = choice("fixed", "accuracy", "magnitude", default="magnitude")  # DEAT-d | DEAT-p | M-DEAT
-        replays: int = 1               # r in the first epoch
-        r_max: Optional[int] = None    # most replays; None = the rule's published cap: fixed 5, accuracy 4, magnitude 8
-        d: int = 3                     # fixed: epochs between extra replays
-        p: float = 0.4                 # accuracy: training accuracy (fraction) above which r grows
+        replays: int = count(1, what="the replays per minibatch")  # r in the first epoch
+        # most replays; None = the rule's published cap: fixed 5, accuracy 4, magnitude 8
+        r_max: Optional[int] = count(None, what="the replays per minibatch")
+        d: int = count(3, what="a number of epochs")  # fixed: epochs between extra replays
+        p: float = in_range(0, 1, 0.4, what="a training accuracy (fraction)")  # accuracy: above which r grows
         gamma: float = 1.01            # magnitude: threshold = gamma * G of the epoch that last raised r
 
     def __init__(self, cfg, info):

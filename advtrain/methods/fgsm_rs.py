@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from advtrain.attacks import bn_mode, pgd
-from advtrain.schema import MethodConfig, choice, pixel
+from advtrain.schema import MethodConfig, attack_steps, choice, count, in_range, pixel
 from advtrain.methods.base import Method, copy_weights, cross_entropy_update
 
 
@@ -31,9 +31,10 @@ class FGSMRS(Method):
         start: str = choice("uniform", "uniform_raw", "none", default="uniform_raw")
         bn: str = choice("eval", "train", "keep", default="train")  # the reference attacks in train mode
         guard: bool = True           # catastrophic-overfitting guard
-        guard_n: int = 512           # examples in the fixed training minibatch
-        guard_steps: int = 5
-        guard_drop: float = 0.2      # stop when PGD accuracy falls by more than this (fraction)
+        guard_n: int = count(512, what="a number of examples")  # examples in the fixed training minibatch
+        guard_steps: int = attack_steps(5)
+        # stop when PGD accuracy falls by more than this (fraction)
+        guard_drop: float = in_range(0, 1, 0.2, what="a drop in accuracy (fraction)")
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)

@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from advtrain.schema import MethodConfig, pixel
+from advtrain.schema import MethodConfig, count, pixel
 from advtrain.methods.base import Method
 from advtrain.methods.replay import carried_buffer, replay
 
@@ -26,7 +26,7 @@ class FreeAT(Method):
     @dataclass
     class Config(MethodConfig):
         eps: Any = pixel()
-        replays: int = 8             # m: updates per minibatch
+        replays: int = count(8, what="the updates per minibatch")  # m: updates per minibatch
         step: Any = pixel(None)      # delta step per replay; None = eps, as in the paper
 
     def __init__(self, cfg, info):

@@ -22,7 +22,7 @@ from advtrain.attacks import pgd, random_init
 from advtrain.errors import ConfigError
 from advtrain.data.augment import apply_augmentation, invert_augmentation
 from advtrain.methods.base import StepsMethod, cross_entropy_update
-from advtrain.schema import MethodConfig, choice, pixel
+from advtrain.schema import MethodConfig, attack_steps, choice, count, pixel
 
 
 class GAAT(StepsMethod):
@@ -31,13 +31,14 @@ class GAAT(StepsMethod):
     class Config(MethodConfig):
         eps: Any = pixel()
         alpha: Any = pixel()          # step size, pixel units
-        steps: int = 10               # K: the PGD-K attack this one stands in for
+        steps: int = attack_steps(10)  # K: the PGD-K attack this one stands in for
         n_exact: int = 4              # steps per attack whose input gradient is computed (each one pass)
         exact_at: str = choice("spread", "first")  # spread: steps 0, K/n, 2K/n, ...; first: 0 .. n_exact-1
         order: int = 2                # Taylor partial sum: 1 (gradient held) | 2 (secant curvature term)
         approx: bool = True           # false: no approximated steps; n_exact exact steps of alpha * K / n_exact
         carry: bool = True            # warm start from each example's previous perturbation
-        reset_every: int = 0          # carry: epochs between resets to a random start (0: never)
+        # carry: epochs between resets to a random start (0: never)
+        reset_every: int = count(0, low=0, what="a number of epochs")
         start: str = choice("uniform", "uniform_raw", "none")  # the random start (first visit, carry=false)
         bn: str = choice("eval", "train", "keep")  # BN mode while attacking
 

@@ -32,7 +32,7 @@ from advtrain.errors import ConfigError
 from advtrain.methods.base import Method, View, accuracy
 from advtrain.models import bind, replace_modules
 from advtrain.models.conditioned_bn import FiLMDualBN, FixedLambda, Lambdas, orthogonal_encoding
-from advtrain.schema import MethodConfig, choice, pixel
+from advtrain.schema import SEED, SEED_MAX, MethodConfig, attack_steps, choice, count, in_range, pixel
 
 
 class OAT(Method):
@@ -42,13 +42,16 @@ class OAT(Method):
     class Config(MethodConfig):
         eps: Any = pixel()
         alpha: Any = pixel()            # the attack's step size
-        steps: int = 7
+        steps: int = attack_steps(7)
         start: str = choice("uniform", "uniform_raw", "none")
         bn: str = choice("eval", "train", "keep")  # BN mode while attacking
         lambdas: List[float] = field(default_factory=lambda: [0.0, 0.1, 0.2, 0.3, 0.4, 1.0])
-        p_zero: Optional[float] = None  # share of each batch at lambda = 0 (null: 1 / len(lambdas))
-        encoding_dim: int = 128         # the lambda encoding's size (rows of a seeded random orthogonal matrix)
-        encoding_seed: int = 0          # the authors' encoding is unseeded; here it is, and inside the checkpoint
+        # share of each batch at lambda = 0 (null: 1 / len(lambdas))
+        p_zero: Optional[float] = in_range(0, 1, None, what="a share of each batch")
+        # the lambda encoding's size (rows of a seeded random orthogonal matrix)
+        encoding_dim: int = count(128, what="the encoding's size")
+        # the authors' encoding is unseeded; here it is, and inside the checkpoint
+        encoding_seed: int = in_range(0, SEED_MAX, 0, what=SEED)
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)

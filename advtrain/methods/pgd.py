@@ -15,7 +15,7 @@ import torch
 from torch.nn import functional as F
 
 from advtrain.errors import ConfigError
-from advtrain.schema import MethodConfig, choice, pixel
+from advtrain.schema import MethodConfig, attack_steps, choice, pixel
 from advtrain.methods.base import StepsMethod, accuracy, cross_entropy_update
 
 
@@ -25,7 +25,8 @@ class PGDAT(StepsMethod):
     class Config(MethodConfig):
         eps: Any = pixel()           # L-inf radius, [0,1] pixel units
         alpha: Any = pixel()         # step size, pixel units
-        steps: int = 10              # K attack steps per batch; under steps_schedule=magnitude the most K grows to
+        # K attack steps per batch; under steps_schedule=magnitude the most K grows to
+        steps: int = attack_steps(10, zero="clean training")
         start: str = choice("uniform", "uniform_raw", "none")
         bn: str = choice("eval", "train", "keep")  # BN mode while attacking
         steps_schedule: str = choice("none", "magnitude")  # magnitude: M+, K = 0, 1, ... grows by G, up to steps

@@ -27,7 +27,7 @@ from torch.nn import functional as F
 from advtrain.methods.awp import GAMMA, WARMUP_EPOCHS, WeightPerturbation
 from advtrain.methods.base import Method, accuracy, config_of
 from advtrain.methods.trades import TRADES, trades_terms
-from advtrain.schema import MethodConfig, choice, pixel
+from advtrain.schema import MethodConfig, attack_steps, choice, count, pixel
 
 
 def last_layer_row_sums(logits: Tensor, features: Tensor, y: Tensor) -> Tensor:
@@ -62,7 +62,7 @@ class RAT(Method):
         base: str = choice("trades", "awp_trades")
         eps: Any = pixel()
         alpha: Any = pixel()           # the attack's step size
-        steps: int = 10
+        steps: int = attack_steps(10)
         beta: float = 6.0              # TRADES' KL weight
         init_std: float = 0.001
         bn: str = choice("eval", "train", "keep")
@@ -74,7 +74,8 @@ class RAT(Method):
         weight_noise: float = 0.0      # std of Gaussian noise on the attacking copy's conv weights (the paper's story;
                                        # the code's TRADES script: 1e-4), 0: attack the model itself
         gamma: Optional[float] = None  # awp_trades: AWP's perturbation size (null: 0.005)
-        warmup_epochs: Optional[int] = None  # awp_trades: epochs before AWP starts (null: 10)
+        # awp_trades: epochs before AWP starts (null: 10)
+        warmup_epochs: Optional[int] = count(None, low=0, what="a number of epochs")
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)

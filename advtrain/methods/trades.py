@@ -18,7 +18,7 @@ import torch
 from torch.nn import functional as F
 
 from advtrain.attacks import bn_mode
-from advtrain.schema import MethodConfig, choice, pixel
+from advtrain.schema import MethodConfig, attack_steps, choice, pixel
 from advtrain.methods.base import StepsMethod, accuracy, cross_entropy_update
 
 
@@ -28,7 +28,7 @@ class TRADES(StepsMethod):
     class Config(MethodConfig):
         eps: Any = pixel()
         alpha: Any = pixel()         # eta, the attack step size
-        steps: int = 10              # K; under steps_schedule=magnitude the most K grows to
+        steps: int = attack_steps(10, zero="clean training")  # K; under steps_schedule=magnitude the most K grows to
         beta: float = 6.0            # weight of the robustness (KL) term
         init_std: float = 0.001      # std of the Gaussian start, pixel units
         bn: str = choice("eval", "train", "keep")

@@ -9,6 +9,8 @@ checkpoints load after renaming `linear.*` to `head.*` and prefixing the rest wi
 
 from torch import nn
 
+from advtrain.errors import ConfigError
+
 # Basic-block counts per stage.
 DEPTHS = {18: (2, 2, 2, 2), 34: (3, 4, 6, 3)}
 
@@ -60,8 +62,12 @@ class PreActResNet(nn.Module):
         return self.pool(self.relu(self.bn(out))).flatten(1)
 
 
-def preact_resnet(in_shape: tuple[int, int, int], num_classes: int, *, depth: int = 18) -> tuple[nn.Module, nn.Linear]:
+def check_preact_resnet(*, depth: int = 18) -> None:
     if depth not in DEPTHS:
-        raise ValueError(f"preact_resnet depth {depth} is not supported; valid: {', '.join(map(str, DEPTHS))}")
+        raise ConfigError(f"arch.depth={depth} is not a preact_resnet depth; valid: {', '.join(map(str, DEPTHS))}")
+
+
+def preact_resnet(in_shape: tuple[int, int, int], num_classes: int, *, depth: int = 18) -> tuple[nn.Module, nn.Linear]:
+    check_preact_resnet(depth=depth)
     body = PreActResNet(in_shape[0], DEPTHS[depth])
     return body, nn.Linear(body.feature_dim, num_classes)

@@ -11,6 +11,8 @@ Submodule names follow the reference (conv1, bn1, layerN, shortcut), so its chec
 
 from torch import nn
 
+from advtrain.errors import ConfigError
+
 IMAGENET_STEM_MIN_SIDE = 64  # pixels
 
 
@@ -105,8 +107,12 @@ class ResNet(nn.Module):
         return self.pool(out).flatten(1)
 
 
-def resnet(in_shape: tuple[int, int, int], num_classes: int, *, depth: int = 18) -> tuple[nn.Module, nn.Linear]:
+def check_resnet(*, depth: int = 18) -> None:
     if depth not in DEPTHS:
-        raise ValueError(f"resnet depth {depth} is not supported; valid: {', '.join(map(str, DEPTHS))}")
+        raise ConfigError(f"arch.depth={depth} is not a resnet depth; valid: {', '.join(map(str, DEPTHS))}")
+
+
+def resnet(in_shape: tuple[int, int, int], num_classes: int, *, depth: int = 18) -> tuple[nn.Module, nn.Linear]:
+    check_resnet(depth=depth)
     body = ResNet(in_shape, *DEPTHS[depth])
     return body, nn.Linear(body.feature_dim, num_classes)

@@ -12,6 +12,8 @@ and prefixing the rest with `body.`.
 
 from torch import nn
 
+from advtrain.errors import ConfigError
+
 
 class BasicBlock(nn.Module):
     def __init__(self, in_planes: int, out_planes: int, stride: int, dropout: float):
@@ -72,15 +74,19 @@ class WideResNet(nn.Module):
         return self.pool(self.relu(self.bn1(out))).flatten(1)
 
 
+def check_wide_resnet(*, depth: int = 34, widen_factor: int = 10, dropout: float = 0.0) -> None:
+    if depth < 10 or (depth - 4) % 6:
+        raise ConfigError(f"arch.depth={depth} is not a wide ResNet depth (6n+4, n >= 1); valid: 10, 16, 22, 28, 34, 40, ...")
+    if widen_factor < 1:
+        raise ConfigError(f"arch.widen_factor={widen_factor} must be a positive integer")
+    if not 0.0 <= dropout < 1.0:
+        raise ConfigError(f"arch.dropout={dropout} must lie in [0, 1)")
+
+
 def wide_resnet(
     in_shape: tuple[int, int, int], num_classes: int, *, depth: int = 34, widen_factor: int = 10, dropout: float = 0.0
 ) -> tuple[nn.Module, nn.Linear]:
-    if depth < 10 or (depth - 4) % 6:
-        raise ValueError(f"wide_resnet depth {depth} is not 6n+4 with n >= 1; valid: 10, 16, 22, 28, 34, 40, ...")
-    if widen_factor < 1:
-        raise ValueError(f"wide_resnet widen_factor {widen_factor} must be a positive integer")
-    if not 0.0 <= dropout < 1.0:
-        raise ValueError(f"dropout {dropout} must lie in [0, 1)")
+    check_wide_resnet(depth=depth, widen_factor=widen_factor, dropout=dropout)
     body = WideResNet(in_shape[0], depth, widen_factor, dropout)
     head = nn.Linear(body.feature_dim, num_classes)
     nn.init.zeros_(head.bias)

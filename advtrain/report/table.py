@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import statistics
 import sys
 from collections import defaultdict
@@ -71,11 +72,32 @@ def collect(root: Path) -> list[dict]:
             if not all(isinstance(x, (int, float)) for x in costs) or any(
                     x is not None and not isinstance(x, (int, float)) for x in accs):
                 raise ValueError("train_time_s, passes_per_example and eval must hold numbers")
+            if not all(math.isfinite(x) for x in costs):
+                raise ValueError(f"train_time_s and passes_per_example must be finite, not {costs}")
         except (OSError, ValueError) as e:  # JSON and Unicode decode errors are ValueErrors
             print(f"advtrain-report: skipping {path}: {str(e).splitlines()[0]}", file=sys.stderr)
             continue
+        missing = _drop_non_finite(run)
+        if missing:
+            print(f"advtrain-report: {path}: {', '.join(missing)}: not a finite number, shown as missing",
+                  file=sys.stderr)
         runs.append({**run, "path": str(path.parent)})
     return runs
+
+
+def _drop_non_finite(run: dict) -> list[str]:
+    """Python's json reads NaN and Infinity (a run whose model diverged can record them); statistics cannot average
+    them, so each becomes None, which the tables show as an empty cell. Returns the names of those it replaced."""
+    scores = {"eval": run["eval"]}
+    if isinstance(run.get("views"), dict):
+        scores.update({f"views.{name}": view for name, view in run["views"].items() if isinstance(view, dict)})
+    missing = []
+    for where, values in scores.items():
+        for key, value in values.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                values[key] = None
+                missing.append(f"{where}.{key}={value}")
+    return missing
 
 
 def expand_views(runs: list[dict]) -> list[dict]:
