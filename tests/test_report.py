@@ -279,10 +279,12 @@ def test_the_plot_axis_stays_readable_when_runs_agree(tmp_path):
     assert low < 10 and high > 90 and 0 <= low and high <= 100
 
 
-def _tradeoff_run(folder: Path, method: str, arch: str, method_cfg: dict, eval_: dict, views=None) -> None:
+def _tradeoff_run(folder: Path, method: str, arch: str, method_cfg: dict, eval_: dict, views=None,
+                  attack: dict | None = None) -> None:
     folder.mkdir(parents=True)
     config = {"seed": 0, "dataset": {"name": "fashion_mnist", "eps": 0.1}, "arch": {"name": arch},
-              "method": {"name": method, **method_cfg}, "trainer": {"epochs": 10}, "eval": {"n": 1000}}
+              "method": {"name": method, **method_cfg}, "trainer": {"epochs": 10}, "eval": {"n": 1000},
+              **({"attack": attack} if attack else {})}
     results = {"kind": "train", "method": method, "dataset": "fashion_mnist", "arch": arch, "epochs": 10, "seed": 0,
                "train_time_s": 10.0, "passes_per_example": 9.0, "eval": eval_, "config": config,
                **({"views": views} if views else {})}
@@ -313,3 +315,45 @@ def test_the_tradeoff_plot_sets_the_one_model_against_a_run_per_setting(tmp_path
     status, _, err = report([tmp_path, "--out", tmp_path / "report"], capsys)
     assert status == 0, err
     assert (tmp_path / "report" / "report_views.png").stat().st_size > 10_000
+
+
+def test_the_oats_views_plot_draws_a_line_per_width_and_names_what_it_measured(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from advtrain.report.plot import runs_figure, scope, tradeoff_figure
+
+    widths, lambdas = (1, 0.75, 0.5), (0, 0.1, 0.2, 0.3, 0.4, 1)
+    views = {f"width={w:g},lambda={lam:g}": {"n": 1000, "clean": 0.85 + 0.04 * w - 0.03 * lam,
+                                              "pgd20": 0.40 + 0.25 * lam + 0.05 * w}
+             for w in widths for lam in lambdas}  # as OATS names them: full width first
+    attack = {"pgd20": {"type": "pgd", "eps": 0.1, "norm": "linf", "steps": 20}}
+    _tradeoff_run(tmp_path / "oats", "oats", "bn_cnn", {"widths": [0.5, 0.75, 1.0]}, views["width=1,lambda=0"],
+                  views, attack)
+    runs = expand_views(collect(tmp_path))
+    fig = tradeoff_figure(aggregate(runs, metric_names(runs)), "pgd20")
+    (ax,) = fig.axes
+    lines = ax.get_lines()
+    assert [line.get_label() for line in lines] == [f"oats, width={w} (fashion_mnist / bn_cnn)"
+                                                    for w in ("0.5", "0.75", "1")]
+    for line, w in zip(lines, ("0.5", "0.75", "1")):  # lambda along each line, in lambda's order
+        assert list(line.get_ydata()) == pytest.approx([100 * views[f"width={w},lambda={lam:g}"]["pgd20"]
+                                                        for lam in lambdas])
+    title = ax.get_title()
+    assert all(part in title for part in ("pgd20", "fashion_mnist", "L∞ ε = 0.1", "n = 1000")), title
+
+    renderer = fig.canvas.get_renderer()
+    labels = [(text.get_text(), text.get_window_extent(renderer)) for text in ax.texts]
+    assert {"lambda=0", "lambda=1"} <= {name for name, _ in labels} <= {f"lambda={lam:g}" for lam in lambdas}
+    assert not any(a.overlaps(b) for i, (_, a) in enumerate(labels) for _, b in labels[i + 1:])
+    low, high = ax.get_ylim()  # pgd20 spans 42.5 to 70 %: the axis fits it, with a margin
+    assert 35 < low < 42.5 and 70 < high < 77
+    plt.close(fig)
+
+    fig = runs_figure(runs, "pgd20")
+    assert fig.axes[0].get_title() == ("pgd20 accuracy vs training time (1 run, a marker per view)\n"
+                                       "fashion_mnist, L∞ ε = 0.1, n = 1000")
+    plt.close(fig)
+    cifar = {"attack.autoattack.eps": json.dumps(8 / 255), "attack.autoattack.norm": '"linf"'}
+    assert scope([("cifar10", cifar, 10000)], "autoattack") == "cifar10, L∞ ε = 8/255, n = 10000"
+    assert scope([("mnist", {"dataset.eps": "0.2"}, 100), ("mnist", {"dataset.eps": "0.3"}, 1000)],
+                 "clean") == "mnist, ε = 0.2, 0.3, n = 100, 1000"

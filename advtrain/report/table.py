@@ -140,6 +140,7 @@ class Row:
     view: str = ""     # the evaluation view (a method with several: OAT's lambdas), else ""
     time_with_companions_s: float | None = None  # mean, the frozen companions' training included (RRM's teacher)
     flops: float | None = None  # the view's forward multiply-adds per example, where views differ in cost (OATS)
+    n: int | None = None  # test examples evaluated (eval.n is part of the setting, so every run of the row agrees)
     setting: tuple = field(default=(), repr=False)
     method_settings: tuple = field(default=(), repr=False)
 
@@ -174,7 +175,7 @@ def aggregate(runs: list[dict], metrics: list[str], baseline: dict[str, str] | N
                         statistics.mean(r["passes_per_example"] for r in group),
                         setting=setting, method_settings=method_settings, view=view,
                         time_with_companions_s=statistics.mean(with_companions),
-                        flops=statistics.mean(flops) if flops else None))
+                        flops=statistics.mean(flops) if flops else None, n=group[0]["eval"].get("n")))
     _name_differences(rows)
     pgd = defaultdict(list)
     for row in rows:
