@@ -33,13 +33,31 @@ def print_results(results: Mapping) -> None:
     for view, scores in results.get("views", {"": results["eval"]}).items():
         for name, value in scores.items():
             label = name if name == "n" else f"{name} accuracy"
-            table.add_row(f"{view}: {label}" if view else label, f"{value}" if name == "n" else f"{value:.4f}")
+            table.add_row(f"{view}: {label}" if view else label, f"{value}" if name == "n" else percent(value))
     table.add_row("train time", f"{results['train_time_s']:.1f} s")
     table.add_row("images / s", f"{results['images_per_s']:.1f}")
     table.add_row("passes / example", f"{results['passes_per_example']:.2f}")
     console.print(table)
     for warning in results.get("eval_warnings", ()):
         console.print(f"warning: AutoAttack: {warning}", markup=False, style="bold yellow")
+
+
+def percent(fraction: float | None) -> str:
+    """An accuracy as papers print it, "97.50%": results.json keeps fractions, people read percent."""
+    return "–" if fraction is None else f"{100 * fraction:.2f}%"
+
+
+def metrics_text(metrics: Mapping[str, float]) -> str:
+    """Metrics on one line, accuracies in percent, the rest as they are: train/acc 81.23%  eval/n 1000  lr 0.1"""
+    return "  ".join(f"{key} {_value_text(key, value)}" for key, value in metrics.items())
+
+
+def _value_text(key: str, value: float) -> str:
+    name = key.rpartition("/")[2]
+    # an evaluation's scores are accuracies but for its count, "eval/n" (or "eval/<view>/n"); training's say "acc"
+    if (key.startswith("eval/") and name != "n") or name == "acc" or name.endswith("_acc"):
+        return percent(value)
+    return str(value) if isinstance(value, int) else f"{value:.4g}"  # counts whole: 10000, not 1e+04
 
 
 class TrainProgress:
@@ -85,7 +103,7 @@ class TrainProgress:
         return self.mode == "lines" and time.perf_counter() - self._last_line >= self.log_every_s
 
     def show(self, metrics: Mapping[str, float]) -> None:
-        text = "  ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        text = metrics_text(metrics)
         if self._bar is not None:
             self._bar.update(self._task, metrics=text)
         elif self.mode == "lines":

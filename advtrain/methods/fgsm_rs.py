@@ -61,8 +61,9 @@ class FGSMRS(Method):
         robust_acc = ctx.dist.mean(robust_acc)  # every rank restores (or not) alike, or the replicas would diverge
         if robust_acc - self.prev_robust_acc < -c.guard_drop and self.good_weights is not None:
             model.load_state_dict(self.good_weights)
-            ctx.request_stop(f"catastrophic overfitting: guard PGD accuracy fell from {self.prev_robust_acc:.3f} "
-                             f"to {robust_acc:.3f}; restored the weights of the previous epoch")
+            ctx.request_stop("catastrophic overfitting: guard PGD accuracy fell from "
+                             f"{100 * self.prev_robust_acc:.2f}% to {100 * robust_acc:.2f}%; restored the weights "
+                             "of the previous epoch")
         else:
             self.prev_robust_acc = robust_acc
             self.good_weights = copy_weights(model)
