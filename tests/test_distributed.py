@@ -128,13 +128,17 @@ def two_rank_run(tmp_path_factory) -> Path:
 
 
 # PGD's sign steps make a trajectory chaotic: a gradient entry near 0 that float noise flips moves a pixel by 2 alpha,
-# and from the second epoch on the one- and two-process runs part by 1e-5 to 1e-4 (thread counts decide when). So the
-# trajectory is compared where it is smooth: natural training over 3 epochs (the ranks' reshuffling of every epoch)
-# and one epoch of PGD (the attack on each rank's shard). Both agree to float rounding, about 3e-8.
+# and after some updates the one- and two-process runs part by 1e-5 to 1e-4 (thread counts and the torch release
+# decide when: with torch 2.14 and one thread, within the 8 updates of 500 examples). So the trajectory is compared
+# where it is smooth: natural training over 3 epochs (the ranks' reshuffling of every epoch) and the first 5 updates
+# of PGD (the attack on each rank's shard; 311 examples, so the last batch of 59 is uneven too). Both agree to float
+# rounding, about 1e-8.
 @pytest.mark.slow
-@pytest.mark.parametrize("method,epochs,passes", [(["method=natural"], 3, 1), (PGD_ARGS, 1, 3 + 1)])
+@pytest.mark.parametrize("method,epochs,passes", [(["method=natural", "dataset.n_train=500"], 3, 1),
+                                                  ([*PGD_ARGS, "dataset.n_train=311"], 1, 3 + 1)])
 def test_two_ranks_take_the_single_process_weight_trajectory(method, epochs, passes, tmp_path):
-    args = [*TINY, *method, *SHARD_ARGS, f"trainer.epochs={epochs}"]
+    shards = [a for a in SHARD_ARGS if not a.startswith("dataset.n_train=")]
+    args = [*TINY, *method, *shards, f"trainer.epochs={epochs}"]
     one, two = tmp_path / "one" / "run", tmp_path / "two" / "run"
     for run, devices in ((one, 1), (two, 2)):
         run.parent.mkdir()
