@@ -14,19 +14,37 @@ def load_model(path, device="cpu", view: str | None = None):
 
     `view`: for a method evaluated in several settings (results.json's "views", e.g. OAT's lambdas), the model fixed
     to that one, a plain x -> logits module."""
-    from advtrain.engine.checkpoint import load_checkpoint
+    from advtrain.engine.checkpoint import Checkpoint
     from advtrain.engine.network import model_from_checkpoint
     from advtrain.errors import CheckpointError
     from advtrain.models import bind
 
-    method, model = model_from_checkpoint(load_checkpoint(path, map_location=device))
+    state = Checkpoint.load(path, map_location=device)
+    method, model = model_from_checkpoint(state)
+    views = {v.name: v for v in method.eval_views()}
+    if view is None and "" not in views and not _callable_plain(model, state.model_spec["shape"]):
+        # A network conditioned on its view (OAT's lambda) fails on its first call without one: say so here.
+        raise CheckpointError(f"{path} holds one network for several views of method "
+                              f"{state.model_spec['method']['name']!r}, which needs its view: load one with "
+                              f"load_model(path, view=...), one of {', '.join(repr(v) for v in views)}")
     if view is not None:
-        views = {v.name: v for v in method.eval_views()}
         if view not in views:
             raise CheckpointError(f"view={view!r} is not a view of this checkpoint's method; its views: "
                                   f"{', '.join(repr(v) for v in views)}")
         model = bind(model, views[view].cond)
     return model.to(device).eval()
+
+
+def _callable_plain(model, shape) -> bool:
+    """Whether the network answers without a view (one zero image through it)."""
+    import torch
+
+    try:
+        with torch.no_grad():
+            model.eval()(torch.zeros(1, *shape))
+        return True
+    except Exception:  # noqa: BLE001 - whatever the conditioned layers raise, the answer is "needs a view"
+        return False
 
 
 __all__ = ["load_model", "__version__"]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import sys
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import hydra
@@ -23,6 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from advtrain.engine.rundir import RunDirBusy, discard_fresh_run_dir
+from advtrain.engine.signals import StopWhileStarting
 from advtrain.errors import UserError
 from advtrain.hydra_errors import describe_hydra_error
 from advtrain.sweep import register_resolvers
@@ -35,7 +36,7 @@ def _one_line_errors(task):
     """Inside the job, so Hydra does not add its own report: user errors become one line and exit status 2."""
 
     def wrapped(cfg: DictConfig):
-        from advtrain.engine.signals import Interrupted
+        from advtrain.engine.signals import Interrupted, StopNow
 
         try:
             return task(cfg)
@@ -44,7 +45,7 @@ def _one_line_errors(task):
             if e.chain is not None:  # submitit's handler: requeue the job, which resumes from the checkpoint
                 e.chain(e.signum, None)
             sys.exit(128 + e.signum)
-        except KeyboardInterrupt:  # a second Ctrl-C
+        except StopNow:  # a second Ctrl-C
             _exit("interrupted again: stopped at once, without a checkpoint of this moment (the last one stands; "
                   "rerun the command to continue from it)", 130)
         except UserError as e:
@@ -94,7 +95,7 @@ def _train(cfg: DictConfig):
         torch.set_num_threads(threads)
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        with _holding(run_dir):
+        with _holding(run_dir, cfg):
             # ... and each one-device job gets a GPU of its own (a multi-device job takes this node's first N).
             with claim_device() if checked.trainer.devices == 1 else nullcontext() as gpu:
                 return run_training(checked, run_dir, hydra_cfg, device_index=gpu)
@@ -105,32 +106,48 @@ def _train(cfg: DictConfig):
         return None
 
 
-def _holding(run_dir: Path):
+@contextmanager
+def _holding(run_dir: Path, task_cfg: DictConfig):
     """The run directory is held by the process that writes it: this one, or rank 0 of a torchrun/srun group (the
-    other ranks adopt rank 0's folder)."""
+    other ranks adopt rank 0's folder). The holder alone writes Hydra's record of the job there."""
     from advtrain.engine.distributed import external_world
-    from advtrain.engine.rundir import exclusive
+    from advtrain.engine.rundir import exclusive, record_hydra_config
 
     world = external_world()
-    return exclusive(run_dir) if world is None or world.rank == 0 else nullcontext()
+    if world is not None and world.rank != 0:
+        yield
+        return
+    with exclusive(run_dir):
+        record_hydra_config(run_dir, task_cfg)
+        yield
 
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="eval")
 @_one_line_errors
 def _evaluate(cfg: DictConfig):
+    from advtrain.config import check_eval_trainer
     from advtrain.engine.evaluate_checkpoint import evaluate_checkpoint
     from advtrain.errors import ConfigError
 
     if OmegaConf.is_missing(cfg, "checkpoint"):
         raise ConfigError("checkpoint= is required: the checkpoint to evaluate, e.g. advtrain-eval "
                           "checkpoint=outputs/.../checkpoints/last.pt")
-    return evaluate_checkpoint(cfg, Path(HydraConfig.get().runtime.output_dir))
+    check_eval_trainer(cfg.trainer)
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    with _holding(run_dir, cfg):  # a training run's folder, or another evaluation's, is refused in one line
+        return evaluate_checkpoint(cfg, run_dir)
+
+
+def _discard_a_fresh_run_dir() -> None:
+    if HydraConfig.initialized():
+        discard_fresh_run_dir()
 
 
 def _run(entry) -> None:
     debug = _debug() or os.environ.get("HYDRA_FULL_ERROR") == "1"
     # Composition errors then reach us instead of Hydra's multi-line report, so each becomes one line.
     os.environ["HYDRA_FULL_ERROR"] = "1"
+    StopWhileStarting.install(_program(), cleanup=_discard_a_fresh_run_dir)
     try:
         entry()
     except KeyboardInterrupt:  # Ctrl-C before the run started (composing the config, importing)

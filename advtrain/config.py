@@ -43,7 +43,8 @@ def parse_pixel(value: Any, key: str) -> float:
 POSITIVE = ("trainer.epochs", "trainer.batch_size", "trainer.devices", "eval.batch_size", "eval.every_n",
             "trainer.nan_check_every", "optim.lr", "logger.init_timeout_s")
 # trainer.log_every_s=0 is meaningful: a progress line at every step.
-NON_NEGATIVE = ("trainer.checkpoint_every", "eval.every", "dataset.val_size", "dataset.crop_padding",
+NON_NEGATIVE = ("trainer.checkpoint_every", "trainer.keep_checkpoints", "eval.every", "dataset.val_size",
+                "dataset.crop_padding",
                 "optim.weight_decay", "dataset.pgd_steps", "trainer.log_every_s")
 
 

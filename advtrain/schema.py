@@ -140,6 +140,7 @@ class TrainerConfig:
     compile_mode: str = choice("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
     deterministic: bool = False
     checkpoint_every: int = 1                # epochs between checkpoints; 0 = only at the end
+    keep_checkpoints: int = 2                # epoch checkpoints kept beside last.pt (epoch_0007.pt, ...); 0 = none
     nan_check_every: int = 50                # steps between finiteness checks of the loss (each one syncs)
     progress: str = choice("auto", "bar", "lines", "off")    # auto: a bar on a terminal, lines otherwise
     log_every_s: float = 30.0                # seconds between plain progress lines

@@ -35,6 +35,14 @@ def test_the_same_seed_gives_the_same_numbers_and_leaves_the_callers_rng_alone()
     assert 0.05 < first["pgd"] < 0.95  # the random start matters here, or the test could not fail
 
 
+def test_the_progress_lines_show_accuracy_in_percent():
+    model, evalset = _setup()
+    lines = []
+    scores = evaluate(model, evalset, RANDOM_START, n=None, batch_size=512, seed=0, on_progress=lines.append)
+    assert len(lines) == 1 and lines[0].startswith("eval: 512 examples, clean 100.00%, pgd "), lines
+    assert f"pgd {100 * scores['pgd']:.2f}% (" in lines[0]
+
+
 # --- an evaluation stopped part-way goes on from its last batch -----------------------------------------------------
 class _Stop(Exception):
     pass

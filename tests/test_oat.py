@@ -10,7 +10,9 @@ import torch
 
 import advtrain
 from advtrain.data.loader import TensorEvalSet
+from advtrain.engine.checkpoint import Checkpoint
 from advtrain.engine.evaluate import evaluate_views
+from advtrain.engine.network import model_from_checkpoint
 from advtrain.methods import build_method
 from advtrain.models import bind, build_model
 from advtrain.models.conditioned_bn import FiLMDualBN, FixedLambda, Lambdas, orthogonal_encoding
@@ -69,8 +71,9 @@ def test_every_attack_runs_on_any_sub_batch_size():
 def test_a_model_without_batchnorm_is_refused_in_one_line():
     from advtrain.errors import ConfigError
 
-    cfg = checked([*TINY, "method=oat"])  # mnist_net: no BatchNorm
-    method = build_method(cfg.method, type("Info", (), {"num_classes": 4})())
+    with pytest.raises(ConfigError, match="arch=mnist_net has none"):  # by the config check, before any data
+        checked([*TINY, "method=oat"])  # mnist_net: no BatchNorm
+    method = build_method(checked(OAT).method, type("Info", (), {"num_classes": 4})())
     model = build_model("mnist_net", num_classes=4, in_shape=(1, 12, 12), mean=[0.0], std=[1.0])
     with pytest.raises(ConfigError, match="arch=mnist_net has none"):
         method.wrap_model(model, {})
@@ -89,7 +92,10 @@ def test_the_encoding_travels_in_the_checkpoint_and_views_load(oat_run):
     results = json.loads((oat_run / "results.json").read_text())
     assert list(results["views"]) == [f"lambda={v:g}" for v in LAMBDAS]
     assert results["passes_per_example"] == pytest.approx(1 + (64 - 11) / 64 * (7 + 1))  # batch 64: 11 at 0
-    plain = advtrain.load_model(oat_run / "checkpoints" / "last.pt")
+    with pytest.raises(advtrain.errors.CheckpointError, match=r"load_model\(path, view=...\), one of 'lambda=0', "):
+        advtrain.load_model(oat_run / "checkpoints" / "last.pt")  # the network needs its lambda: said at load
+    _, plain = model_from_checkpoint(Checkpoint.load(oat_run / "checkpoints" / "last.pt"))
+    plain.eval()
     saved = torch.load(oat_run / "checkpoints" / "last.pt", weights_only=True)["model"]
     blocks = {name: m for name, m in plain.named_modules() if isinstance(m, FiLMDualBN)}
     assert blocks

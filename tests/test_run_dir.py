@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from advtrain.config import check_config
-from advtrain.engine import checkpointing
+from advtrain.engine import checkpoint as checkpointing
 from advtrain.engine import run as run_module
 from advtrain.engine.atomic import atomic_write, is_disk_full, remove_stale_temps
 from advtrain.engine.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -58,8 +58,14 @@ def test_a_second_command_on_a_held_run_dir_exits_2_and_leaves_the_folder(tmp_pa
     with exclusive(run_dir):
         (run_dir / "checkpoints").mkdir()
         (run_dir / "checkpoints" / "keep.txt").write_text("the first run's")
-        proc = run_cli([*TINY, f"hydra.run.dir={run_dir}"], cwd=tmp_path)
+        (run_dir / ".hydra").mkdir()
+        record = {name: f"the first run's {name}".encode() for name in ("config.yaml", "hydra.yaml", "overrides.yaml")}
+        for name, text in record.items():
+            (run_dir / ".hydra" / name).write_bytes(text)
+        proc = run_cli([*TINY, "trainer.epochs=5", f"hydra.run.dir={run_dir}"], cwd=tmp_path)
     assert proc.returncode == 2, proc.stderr
+    # Hydra's record of the job is the holder's still: the refused command wrote none of its own.
+    assert {p.name: p.read_bytes() for p in (run_dir / ".hydra").iterdir()} == record
     assert proc.stderr.strip() == (f"advtrain: error: {run_dir} is in use by pid {os.getpid()} (another advtrain is "
                                    "training in this run directory; wait for it, stop it, or choose another "
                                    "hydra.run.dir)")
@@ -143,7 +149,7 @@ def test_a_full_disk_mid_run_is_one_line_naming_the_kept_checkpoint(tmp_path, mo
     last = tmp_path / "checkpoints" / "last.pt"
     assert str(caught.value) == f"no space left on device writing {last}; the checkpoint {last} (after epoch 1) is kept"
     assert load_checkpoint(last)["loop"]["epoch"] == 1
-    assert sorted(p.name for p in last.parent.iterdir()) == ["last.pt"]
+    assert sorted(p.name for p in last.parent.iterdir()) == ["epoch_0001.pt", "last.pt"]  # no temporary file
 
 
 def test_stale_temp_files_of_killed_writes_are_removed_when_a_run_starts(tmp_path):

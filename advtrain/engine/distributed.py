@@ -161,3 +161,22 @@ def destroy() -> None:
 def rank_seed(seed: int, rank: int) -> int:
     """Rank 0 keeps the run's seed (a 1-process run is unchanged); other ranks get independent streams."""
     return seed if rank == 0 else int(np.random.SeedSequence([seed, rank]).generate_state(1)[0])
+
+
+def sync_buffers(model: torch.nn.Module, dist: Dist) -> None:
+    """Give every rank rank 0's buffers (BN running statistics, which each rank updates from its own shard), so that
+    evaluation shards and checkpoints see one model."""
+    if dist.enabled:
+        for buffer in model.buffers():
+            torch.distributed.broadcast(buffer, src=0)
+
+
+def to_cpu(obj):
+    """A copy of nested containers with every tensor moved to the CPU (to be pickled between ranks)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().cpu()
+    if isinstance(obj, dict):
+        return {k: to_cpu(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to_cpu(v) for v in obj)
+    return obj

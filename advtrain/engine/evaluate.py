@@ -104,7 +104,7 @@ def _evaluate(model, view: str, evalset, attacks, n, batch_size, on_progress, di
         if kept is not None:
             kept.save(view, counts, total, i + 1, found)
         if on_progress:
-            accs = ", ".join(f"{k} {v / total:.4f}" for k, v in counts.items() if "/" not in k)
+            accs = ", ".join(f"{k} {100 * v / total:.2f}%" for k, v in counts.items() if "/" not in k)
             shard = f" (rank 0 of {dist.world_size})" if dist.enabled else ""
             label = f"eval {view}" if view else "eval"
             on_progress(f"{label}: {total} examples{shard}, {accs} ({time.perf_counter() - start:.0f} s)")
@@ -132,15 +132,6 @@ class RunEvaluation:
                 state.best_val_score = score
                 save_best()
         return flat(scores)
-
-    def final(self, model: nn.Module, on_progress: Callable[[str], None] | None = None,
-              progress_file: Path | None = None):
-        """(scores per view, AutoAttack's warnings) on the test set; kept batch by batch in `progress_file`."""
-        e, warnings = self.cfg.eval, []
-        scores = evaluate_views(model, self.data.test, self.suite, n=e.n, batch_size=e.batch_size, seed=e.seed,
-                                views=self.method.eval_views(), dist=self.dist, warnings=warnings,
-                                on_progress=on_progress, progress_file=progress_file)
-        return scores, warnings
 
 
 def flat(scores: Mapping[str, Mapping]) -> dict:

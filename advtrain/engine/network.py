@@ -9,7 +9,7 @@ import torch
 from omegaconf import OmegaConf
 
 from advtrain.data import DatasetInfo
-from advtrain.errors import CheckpointError
+from advtrain.errors import CheckpointError, UserError
 from advtrain.methods import build_method, method_defaults
 from advtrain.models import build_model
 
@@ -53,13 +53,18 @@ def spec_info(spec: dict) -> DatasetInfo:
                        mean=tuple(spec["mean"]), std=tuple(spec["std"]), n_train=0, n_val=0, n_test=0)
 
 
-def model_from_checkpoint(state: dict[str, Any]):
-    """Rebuild (method, model) from a loaded checkpoint: the architecture, any change the method made, the weights."""
-    spec = state["model_spec"]
-    method = stored_method(spec)
-    model = build_network(spec, method)
+def model_from_checkpoint(state):
+    """Rebuild (method, model) from a loaded checkpoint (engine.checkpoint.Checkpoint): the architecture, any change
+    the method made, the weights."""
+    spec, source = state.model_spec, getattr(state, "source", "the checkpoint")
     try:
-        model.load_state_dict(state["model"])
+        method = stored_method(spec)
+        model = build_network(spec, method)
+    except (UserError, KeyError, TypeError, ValueError, AttributeError) as e:
+        reason = str(e).strip() or type(e).__name__
+        raise CheckpointError(f"checkpoint {source} records a model this advtrain cannot rebuild ({reason[:200]})") from None
+    try:
+        model.load_state_dict(state.model)
     except (RuntimeError, KeyError) as e:
         raise CheckpointError(f"checkpoint weights do not match its recorded model ({spec['arch']['name']}): "
                               f"{str(e).splitlines()[0][:200]}") from None

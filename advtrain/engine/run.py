@@ -13,18 +13,18 @@ from omegaconf import OmegaConf
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from advtrain.config import check_eval_n
 from advtrain.data import Data, build_data
-from advtrain.engine.checkpoint import load_checkpoint
-from advtrain.engine.checkpointing import Checkpoints
+from advtrain.engine.checkpoint import Checkpoint, RunCheckpoints
 from advtrain.engine.context import TrainContext
-from advtrain.engine.distributed import SINGLE, Dist, rank_seed
-from advtrain.engine.eval_progress import progress_path
+from advtrain.engine.distributed import SINGLE, Dist, rank_seed, sync_buffers
 from advtrain.engine.evaluate import RunEvaluation, flat
+from advtrain.engine.finish import final_evaluation, record_results
 from advtrain.engine.loop import LoopState, run_epochs
 from advtrain.engine.network import build_network, model_from_checkpoint, model_spec
 from advtrain.engine.optim import build_optimizer
-from advtrain.engine.precision import Runtime, resolve_runtime, rng_state, seed_everything
-from advtrain.engine.results import build_results, view_flops, write_results
+from advtrain.engine.precision import Runtime, resolve_runtime, seed_everything
+from advtrain.engine.results import build_results, view_flops
 from advtrain.engine.signals import stop_at_once
 from advtrain.errors import CheckpointError, ConfigError
 from advtrain.attacks import PassCounter
@@ -37,104 +37,79 @@ def train(cfg, run_dir: Path, dist: Dist = SINGLE, device_index: int = 0) -> dic
     """Train and evaluate on this process's device; with several ranks every rank calls this (see distributed.py).
     device_index: the CUDA device of a one-process run; a rank uses the one of its local rank. The caller holds
     the run directory (advtrain.engine.rundir), so nothing else writes there meanwhile."""
-    ckpts = Checkpoints(run_dir, dist)
+    ckpts = RunCheckpoints(run_dir, dist, keep=cfg.trainer.keep_checkpoints)
     with stop_at_once(run_dir, lambda: ckpts.newest) as stops:
         return _train(cfg, dist, device_index, stops, ckpts)
 
 
-def _train(cfg, dist: Dist, device_index: int, stops, ckpts: Checkpoints) -> dict[str, Any]:
+def _train(cfg, dist: Dist, device_index: int, stops, ckpts: RunCheckpoints) -> dict[str, Any]:
     rt = resolve_runtime(cfg.trainer, dist.local_rank if dist.enabled else device_index)
     seed_everything(rank_seed(cfg.seed, dist.rank), cfg.trainer.deterministic)
     con.console.quiet = not dist.is_main  # rank 0 alone prints, logs and writes files
     for tmp in ckpts.remove_stale():
         con.console.print(f"removed {tmp.name}, left by a write that was interrupted", markup=False)
-    resume_state = ckpts.resume_state(cfg)
+    resume_state = ckpts.resume_state(cfg, say=lambda line: con.console.print(line, markup=False))
     done = ckpts.finished(resume_state, cfg)
     if done is not None:
         con.console.print(f"already finished: {ckpts.results_path} (resume=never starts over)")
         return done
     parts = build_parts(cfg, rt, dist)
-    data, method, model = parts.data, parts.method, parts.model
+    check_eval_n(cfg.eval.n, parts.data.test.n_examples, cfg.dataset.name)  # imagefolder's size is known only now
     config_yaml = OmegaConf.to_yaml(cfg)
     con.print_config(config_yaml)
-    counter = PassCounter()
-    state = LoopState()
-    if resume_state is not None:
-        ckpts.restore(resume_state, model, parts.optimizer, rt.scaler, method, data.train, counter, state, dist.rank)
-        con.console.print(f"resumed from {cfg.resume if cfg.resume != 'auto' else ckpts.last_path} at epoch "
-                          f"{state.epoch + 1}, batch {state.batch}")
+    counter, state = PassCounter(), LoopState()
     ctx = build_context(cfg, parts, counter, dist)
+    ckpts.bind(model=parts.model, optimizer=parts.optimizer, scaler=rt.scaler, method=parts.method,
+               loader=parts.data.train, counter=counter, ctx=ctx, config=config_yaml, spec=parts.spec)
+    if resume_state is not None:
+        ckpts.restore(resume_state, state)
+        con.console.print(f"resumed from {ckpts.resumed_from} at epoch {state.epoch + 1}, batch {state.batch}")
     ctx.stop_reason = state.stop_reason
-    ctx.updates = resume_state["updates"] if resume_state is not None else 0
-    method.setup(ctx)
-
-    def own_state() -> dict:  # this rank's: gathered to rank 0 into the checkpoint
-        return to_cpu({"method": method.state_dict(), "rng": rng_state(), "counter": counter.state_dict()})
-
-    def checkpoint(loop: LoopState, ranks: list) -> dict:
-        mine = ranks[0]
-        return {
-            "model": model.state_dict(), "optimizer": parts.optimizer.state_dict(),
-            "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
-            "method": mine["method"], "loader": data.train.state_dict(), "rng": mine["rng"],
-            "counter": {"total": sum(r["counter"]["total"] for r in ranks)}, "updates": ctx.updates,
-            "loop": vars(loop).copy(), "config": config_yaml, "model_spec": parts.spec,
-            "world_size": dist.world_size, "ranks": ranks if dist.enabled else None,
-            # Where the frozen companion models came from; they are the method's inputs, not its state.
-            "companions": dict(method.companions()),
-        }
-
-    def save(loop: LoopState, path: Path | None = None) -> str:
-        sync_buffers(model, dist)
-        return ckpts.save(loop, own_state, checkpoint, path)
-
-    evaluation = RunEvaluation(cfg, method, data, dist)
-
-    def periodic_eval() -> dict:
-        sync_buffers(model, dist)
-        return evaluation.periodic(ctx.attack_model, state, lambda: save(state, ckpts.best_path))
-
+    parts.method.setup(ctx)
+    evaluation = RunEvaluation(cfg, parts.method, parts.data, dist)
     logger = build_logger(cfg.logger, OmegaConf.to_container(cfg), ckpts.run_dir) if dist.is_main else NullLogger()
     exit_code = 1
     try:
         if not state.finished:
-            progress = con.TrainProgress(cfg.trainer.epochs, len(data.train),
-                                         cfg.trainer.progress if dist.is_main else "off", cfg.trainer.log_every_s)
-
-            def on_epoch(record: dict) -> None:
-                logger.log(record)
-                shown = {k: v for k, v in record.items() if k != "epoch"}
-                progress.print(f"epoch {record['epoch']}/{cfg.trainer.epochs}  " +
-                               "  ".join(f"{k} {v:.4g}" for k, v in shown.items()))
-
-            run_epochs(ctx, method, data.train, cfg, state, progress=progress, save=save, on_epoch=on_epoch,
-                       periodic_eval=periodic_eval if cfg.eval.every else None)
-        progress_file = progress_path(ckpts.run_dir, dist.rank, dist.world_size)
-        stops.phase = f"during the final evaluation (its progress is kept in {progress_file.name})"
-        con.console.print(f"final evaluation on {cfg.eval.n or data.test.n_examples} test examples: "
-                          f"clean, {', '.join(evaluation.suite) or 'no attacks'}")
-        sync_buffers(model, dist)
-        scores, warnings = evaluation.final(model, on_progress=lambda line: con.console.print(line, markup=False),
-                                            progress_file=progress_file)
+            train_epochs(cfg, ctx, parts, state, ckpts, evaluation, logger)
+        sync_buffers(parts.model, dist)
+        scores, warnings = final_evaluation(parts.model, parts.data.test, evaluation.suite, cfg.eval,
+                                            parts.method.eval_views(), ckpts=ckpts, stops=stops,
+                                            what="final evaluation", dist=dist)
         (passes,) = dist.sum([counter.total])
-        results = build_results(cfg, state, passes, data.train.n_examples, scores, rt,
+        results = build_results(cfg, state, passes, parts.data.train.n_examples, scores, rt,
                                 checkpoint=str(ckpts.last_path), world_size=dist.world_size, warnings=warnings,
-                                companions=parts.companion_records, flops=view_flops(method.eval_views()))
-        if dist.is_main:
-            with ckpts.reporting_full_disk(ckpts.results_path):
-                write_results(results, ckpts.results_path)
-        progress_file.unlink(missing_ok=True)  # its numbers are in results.json (on rank 0, summed over ranks)
+                                companions=parts.companion_records, flops=view_flops(parts.method.eval_views()))
+        record_results(results, ckpts, dist)
         logged = flat(scores)
         logger.log({**{f"eval/{k}": v for k, v in logged.items() if k.rpartition("/")[2] != "n"},
                     "train_time_s": state.train_time_s})
         logger.summary({"train_time_s": state.train_time_s, "passes_per_example": results["passes_per_example"],
                         **{f"final/{k}": v for k, v in logged.items()}})
-        con.print_results(results)
-        con.console.print(f"results: {ckpts.results_path}")
         exit_code = 0
         return results
     finally:
         logger.finish(exit_code)
+
+
+def train_epochs(cfg, ctx: TrainContext, parts: "Parts", state: LoopState, ckpts: RunCheckpoints,
+                 evaluation: RunEvaluation, logger) -> None:
+    """The training loop from `state` to the end, with its progress display, epoch records and checkpoints."""
+    dist = ctx.dist
+    progress = con.TrainProgress(cfg.trainer.epochs, len(parts.data.train),
+                                 cfg.trainer.progress if dist.is_main else "off", cfg.trainer.log_every_s)
+
+    def on_epoch(record: dict) -> None:
+        logger.log(record)
+        shown = {k: v for k, v in record.items() if k != "epoch"}
+        progress.print(f"epoch {record['epoch']}/{cfg.trainer.epochs}  " + con.metrics_text(shown))
+
+    def periodic_eval() -> dict:
+        sync_buffers(parts.model, dist)
+        return evaluation.periodic(ctx.attack_model, state, lambda: ckpts.save(state, ckpts.best_path))
+
+    run_epochs(ctx, parts.method, parts.data.train, cfg, state, progress=progress, save=ckpts.save,
+               on_epoch=on_epoch, periodic_eval=periodic_eval if cfg.eval.every else None)
 
 
 @dataclass
@@ -175,16 +150,16 @@ def load_companion(name: str, path: str, info, device: torch.device) -> tuple[nn
     """(model, its spec, the seconds it took to train) from an advtrain checkpoint (weights_only): on the device,
     in eval mode, without gradients. It must take this run's images: the same shape and classes."""
     try:
-        state = load_checkpoint(path)
+        state = Checkpoint.load(path)
         _, model = model_from_checkpoint(state)
     except CheckpointError as e:
         raise CheckpointError(f"the method's {name} model: {e}") from None
-    spec = state["model_spec"]
+    spec = state.model_spec
     if tuple(spec["shape"]) != tuple(info.shape) or spec["num_classes"] != info.num_classes:
         raise CheckpointError(f"the method's {name} model {path} was trained on {spec['dataset']} images of shape "
                               f"{tuple(spec['shape'])} with {spec['num_classes']} classes; this run's {info.name} "
                               f"has {tuple(info.shape)} and {info.num_classes}")
-    return model.to(device).eval().requires_grad_(False), spec, float(state["loop"].get("train_time_s", 0.0))
+    return model.to(device).eval().requires_grad_(False), spec, float(state.loop.get("train_time_s", 0.0))
 
 
 def build_context(cfg, parts: Parts, counter: PassCounter, dist: Dist = SINGLE) -> TrainContext:
@@ -206,24 +181,3 @@ def build_context(cfg, parts: Parts, counter: PassCounter, dist: Dist = SINGLE) 
                         counter=counter, device=rt.device, autocast=rt.autocast, epochs=cfg.trainer.epochs,
                         batches_per_epoch=len(parts.data.train), fixed_batch=parts.data.train.fixed_batch, dist=dist,
                         companions=parts.companions)
-
-
-def sync_buffers(model: nn.Module, dist: Dist) -> None:
-    """Give every rank rank 0's buffers (BN running statistics, which each rank updates from its own shard), so that
-    evaluation shards and checkpoints see one model."""
-    if dist.enabled:
-        for buffer in model.buffers():
-            torch.distributed.broadcast(buffer, src=0)
-
-
-def to_cpu(obj):
-    """A copy of nested containers with every tensor moved to the CPU (to be pickled between ranks)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().cpu()
-    if isinstance(obj, dict):
-        return {k: to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(to_cpu(v) for v in obj)
-    return obj
-
-

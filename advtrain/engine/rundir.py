@@ -10,10 +10,12 @@ from __future__ import annotations
 import errno
 import os
 import shutil
+import stat
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
+from advtrain.engine.atomic import atomic_write
 from advtrain.errors import ConfigError
 
 try:
@@ -22,6 +24,7 @@ except ImportError:  # not POSIX: no lock
     fcntl = None
 
 LOCK_NAME = ".lock"
+HYDRA_RECORD = ".hydra"  # Hydra's usual folder for its record of the job
 
 
 class RunDirBusy(ConfigError):
@@ -42,6 +45,26 @@ def _holder(fd: int) -> int | None:
         return None
 
 
+def _open_lock(path: Path) -> int:
+    """The lock file, opened for writing without following a link: on a group-writable folder anyone in the group
+    could plant `.lock` as a link to a file of ours, which the pid written below would overwrite."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.ELOOP, errno.EISDIR):
+            raise
+        fd = None
+    info = os.fstat(fd) if fd is not None else None
+    if info is None or not stat.S_ISREG(info.st_mode) or info.st_nlink > 1:
+        if fd is not None:
+            os.close(fd)
+        what = "a symbolic link" if path.is_symlink() else "a hard link" if info and info.st_nlink > 1 else \
+            "not a regular file"
+        raise ConfigError(f"{path} is {what}; advtrain's run lock is a plain file it writes its pid into, and it "
+                          "will not write through a link: remove it (someone may have planted it) and rerun")
+    return fd
+
+
 @contextmanager
 def exclusive(run_dir: Path):
     """Hold `run_dir` for the duration; raises RunDirBusy at once if another process holds it."""
@@ -49,7 +72,7 @@ def exclusive(run_dir: Path):
     if fcntl is None:
         yield
         return
-    fd = os.open(run_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    fd = _open_lock(run_dir / LOCK_NAME)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -71,9 +94,9 @@ def exclusive(run_dir: Path):
 def is_held_elsewhere(run_dir: Path) -> bool:
     """Whether another process holds `run_dir` now (to leave its folder alone)."""
     path = run_dir / LOCK_NAME
-    if fcntl is None or not path.is_file():
+    if fcntl is None or not path.is_file() or path.is_symlink():
         return False
-    fd = os.open(path, os.O_RDONLY)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
         return False
@@ -99,10 +122,24 @@ def discard_if_fresh(run_dir: Path, hydra_files: set[str]) -> None:
         parent = parent.parent
 
 
+def record_hydra_config(run_dir: Path, task_cfg) -> None:
+    """Hydra's record of the job (.hydra/config.yaml, hydra.yaml, overrides.yaml), written by the process that holds
+    `run_dir`: Hydra itself would write it before the job starts (hydra.output_subdir is null in our configs), over
+    the record of a run that another process holds."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    hydra_cfg = HydraConfig.instance().cfg
+    for name, cfg in (("config.yaml", task_cfg), ("hydra.yaml", hydra_cfg),
+                      ("overrides.yaml", hydra_cfg.hydra.overrides.task)):
+        text = OmegaConf.to_yaml(cfg).encode()
+        atomic_write(run_dir / HYDRA_RECORD / name, lambda f: f.write(text))
+
+
 def discard_fresh_run_dir() -> None:
     """Remove this Hydra job's run folder if only Hydra's own files are in it (a run that failed before writing
     anything, or a torchrun/srun rank that adopted rank 0's folder)."""
     from hydra.core.hydra_config import HydraConfig
 
     hydra_cfg = HydraConfig.get()
-    discard_if_fresh(Path(hydra_cfg.runtime.output_dir), {str(hydra_cfg.output_subdir), f"{hydra_cfg.job.name}.log"})
+    discard_if_fresh(Path(hydra_cfg.runtime.output_dir), {HYDRA_RECORD, f"{hydra_cfg.job.name}.log"})

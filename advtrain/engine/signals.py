@@ -9,7 +9,9 @@ signal ends the run at once, with the same one-line report and exit status, and 
 """
 from __future__ import annotations
 
+import os
 import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
@@ -31,7 +33,8 @@ class Interrupted(BaseException):
             previous_handler = previous_handler.previous.get(signum)
         # What the process did with this signal before training caught it (submitit's requeue), if anything; never
         # Python's own Ctrl-C handler, whose KeyboardInterrupt would only repeat the stop as a traceback.
-        chainable = callable(previous_handler) and previous_handler is not signal.default_int_handler
+        chainable = (callable(previous_handler) and previous_handler is not signal.default_int_handler
+                     and not isinstance(previous_handler, StopWhileStarting))
         self.chain: Callable | None = previous_handler if chainable else None
         name = signal.Signals(signum).name
         if checkpoint is not None:
@@ -44,6 +47,36 @@ class Interrupted(BaseException):
             then = (f"{saved}; to continue, rerun the command (a sweep finds its folders again; {rerun}): "
                     "resume=auto, the default, picks it up")
         super().__init__(f"stopped by {name}{where}; {then}")
+
+
+class StopWhileStarting:
+    """SIGINT or SIGTERM before a run has anything to save (composing the config, importing torch, loading data):
+    one line and out at once, with exit status 128 + the signal. Raising instead would unwind through whatever
+    import the signal landed in, leaving half-initialised modules for the error path to trip over. The run's own
+    handlers replace this one once there is something to save; the kernel releases the run directory's lock."""
+
+    def __init__(self, program: str, cleanup: Callable[[], None]):
+        self.program, self.cleanup = program, cleanup
+
+    @classmethod
+    def install(cls, program: str, cleanup: Callable[[], None]) -> None:
+        handler = cls(program, cleanup)
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(signum, handler)
+
+    def __call__(self, signum, frame) -> None:
+        print(f"{self.program}: stopped by {signal.Signals(signum).name} while starting up, before training or "
+              "evaluation began; nothing of this run needed saving: rerun the command to start it (a run with a "
+              "checkpoint continues from it)", file=sys.stderr, flush=True)
+        try:  # e.g. a run folder holding only Hydra's files goes, as after any failed start
+            self.cleanup()
+        except Exception:  # noqa: BLE001 - the stop matters more than a leftover empty folder
+            pass
+        os._exit(128 + signum)
+
+
+class StopNow(KeyboardInterrupt):
+    """A second Ctrl-C while the first one's checkpoint is being written: stop without waiting for it."""
 
 
 class StopAtOnce:
@@ -80,7 +113,7 @@ class SignalFlag:
 
     def _handle(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.signum is not None:
-            raise KeyboardInterrupt  # Ctrl-C again while the checkpoint is on its way: the user wants out now
+            raise StopNow  # Ctrl-C again while the checkpoint is on its way: the user wants out now
         self.signum = signum
 
 
