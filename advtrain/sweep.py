@@ -1,15 +1,17 @@
 """Sweeps: stable sweep folders, and one GPU per job when jobs run in parallel on one machine.
 
     advtrain -m method=natural,pgd seed=0,1 dataset=synthetic
-        # -> multirun/method=natural,pgd__seed=0,1__dataset=synthetic-c7ced76a/<job>/
+        # -> multirun/natural-pgd__seed0-1__synthetic-22a4660a/<job>/
     advtrain -m hydra/launcher=parallel method=pgd,trades seed=0,1,2   # joblib: one job per visible GPU at a time
 
 Sweeps. A sweep's folder is named after its command-line overrides (`hydra.sweep.dir` is
 `multirun/${advtrain_sweep_name:${hydra.overrides.task}}`), so rerunning the same command, with or without
-`resume=auto`, finds the same folders. The name lists the swept overrides, then the fixed ones, each group sorted,
-made safe for a file name and cut to 80 characters, then a hash of the full list so two sweeps never share a folder.
-Hydra's own overrides (`hydra/launcher=...`, `hydra.launcher.*`) and `resume` are left out: the same sweep sent
-through another launcher, or resumed, lands in the same place. `hydra.sweep.dir=...` still picks any folder.
+`resume=auto`, finds the same folders. The name reads the swept overrides, then the fixed ones (config groups by
+their choice, `method=pgd,trades` -> `pgd-trades`; other keys by their last part and value, `seed=0,1` -> `seed0-1`),
+cut to 40 characters, then a hash of the full list so two sweeps never share a folder. It holds no `=` or `,`, so it
+can be passed back in an override (`checkpoint=multirun/<name>/...`) without quotes. Hydra's own overrides
+(`hydra/launcher=...`, `hydra.launcher.*`) and `resume` are left out: the same sweep sent through another launcher,
+or resumed, lands in the same place. `hydra.sweep.dir=...` still picks any folder.
 Under the joblib launcher each job claims a GPU of its own through a file lock in `<sweep dir>/.gpu_locks/`
 (waiting while all are taken); without GPUs the jobs split the CPU cores (`cpu_threads_per_job`).
 """
@@ -29,23 +31,51 @@ from omegaconf import OmegaConf
 
 log = logging.getLogger(__name__)
 
-READABLE_CHARS = 80  # of a sweep folder's name, before its hash
+READABLE_CHARS = 40  # of a sweep folder's name, before its hash: enough to tell sweeps apart in a listing
+CONF = Path(__file__).parent / "conf"
 JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher.joblib_launcher.JoblibLauncher"
 CPU_PARALLEL_JOBS = 2  # joblib's default job count without a GPU: more only splits the same cores finer
 
 
 def sweep_name(overrides: Sequence[str]) -> str:
     """A stable, file-name-safe folder name for a sweep's command-line overrides, e.g.
-    'method=natural,pgd__seed=0,1__dataset=synthetic-4f1c2a9e': swept keys first, then the fixed ones."""
-    kept = sorted(_task_overrides(overrides))
+    'pgd-fgsm_rs__seed0-1__cifar10-4f1c2a9e': swept overrides first, then the fixed ones, config groups first."""
+    kept = sorted((fixed, not _is_group(line), line) for fixed, line in _task_overrides(overrides))
     if not kept:
         return "default"
-    readable = "__".join(line for _, line in kept)
-    readable = re.sub(r"[\[\]{}()'\"\s]", "", readable)  # list and quote syntax adds nothing to a name
-    readable = re.sub(r"[^A-Za-z0-9._,=+-]+", "_", readable).lstrip(".-")[:READABLE_CHARS].rstrip("_")
-    # The hash covers the full list: sanitizing and cutting may make two different sweeps read alike.
-    digest = hashlib.sha1("\n".join(line for _, line in kept).encode()).hexdigest()[:8]
-    return f"{readable}-{digest}"
+    readable = _first_words([_word(line) for *_, line in kept]).lstrip("._-")
+    # The hash covers the full list: shortening and sanitizing make different sweeps read alike.
+    digest = hashlib.sha1("\n".join(sorted(line for *_, line in kept)).encode()).hexdigest()[:8]
+    return f"{readable}-{digest}" if readable else digest
+
+
+def _key_and_value(line: str) -> tuple[str, str]:
+    key, _, value = line.partition("=")
+    return key.lstrip("+~").split("@")[0], value
+
+
+def _is_group(line: str) -> bool:
+    key = _key_and_value(line)[0]
+    return bool(key) and (CONF / key).is_dir()
+
+
+def _word(line: str) -> str:
+    """An override as a few file-name-safe characters: a group by its choice, any other key by its last part."""
+    key, value = _key_and_value(line)
+    value = re.sub(r"[\[\]{}()'\"\s]", "", value).replace(",", "-")  # list and quote syntax adds nothing
+    word = value if _is_group(line) else key.rsplit(".", 1)[-1] + value
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", word).strip("_")
+
+
+def _first_words(words: list[str]) -> str:
+    """As many whole words as fit in READABLE_CHARS (at least part of the first), joined by '__'."""
+    words = [w for w in words if w] or [""]  # attack=[] reads as nothing
+    name = words[0][:READABLE_CHARS]
+    for word in words[1:]:
+        if len(name) + 2 + len(word) > READABLE_CHARS:
+            break
+        name += "__" + word
+    return name.rstrip("._-")
 
 
 def _task_overrides(overrides: Sequence[str]) -> list[tuple[bool, str]]:

@@ -25,6 +25,9 @@ def test_local_submitit_multirun_runs_each_job_in_a_subprocess(tmp_path):
     results = sorted(tmp_path.glob("*/results.json"))
     assert [json.loads(p.read_text())["method"] for p in results] == ["natural", "fgsm_rs"]
     assert len(list((tmp_path / ".submitit").rglob("*_result.pkl"))) == 2  # submitit ran them as its jobs
+    # Printed by the submitting process once submitit's jobs have returned.
+    assert proc.stdout.splitlines()[-2:] == [f"sweep folder: {tmp_path} (2 jobs: 2 finished)",
+                                             f"compare the runs: advtrain-report {tmp_path}"], proc.stdout[-2000:]
 
 
 def render_sbatch(overrides: list[str], folder) -> str:

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -18,13 +19,16 @@ from omegaconf import OmegaConf
 from wandb.proto import wandb_internal_pb2 as pb
 from wandb_records import _chunks
 
-from advtrain import sweep
+from advtrain import sweep, sweep_callback
+from advtrain.engine import rundir
 from advtrain.logging import wandb_logger
 
 
 def test_sweep_name_is_stable_readable_and_distinct():
     a = sweep.sweep_name(["seed=0,1", "method=pgd,fgsm_rs", "dataset=cifar10"])
-    assert a.startswith("method=pgd,fgsm_rs__seed=0,1__dataset=cifar10-")  # swept keys first, then fixed ones
+    # Swept overrides first, then fixed ones; a config group reads as its choice. Pinned: a different name for the
+    # same command would start a user's half-done sweep over in a new folder.
+    assert a == "pgd-fgsm_rs__seed0-1__cifar10-dd486b61"
     # Order, Hydra's own overrides and resume=auto do not change which sweep it is.
     assert sweep.sweep_name(["dataset=cifar10", "hydra/launcher=slurm", "method=pgd,fgsm_rs", "seed=0,1",
                              "hydra.launcher.partition=gpu", "resume=auto"]) == a
@@ -32,9 +36,34 @@ def test_sweep_name_is_stable_readable_and_distinct():
     # Two lists that read alike once made safe for a file name still get two folders.
     slash, underscore = sweep.sweep_name(["dataset.root=/d/x"]), sweep.sweep_name(["dataset.root=_d_x"])
     assert slash != underscore and "/" not in slash
-    long = sweep.sweep_name([f"+k{i}=" + "v" * 30 for i in range(10)] + ["attack=[pgd20,autoattack]"])
-    assert len(long) <= sweep.READABLE_CHARS + 9 and "/" not in long and "[" not in long
     assert sweep.sweep_name([]) == sweep.sweep_name(["hydra.sweep.dir=x"]) == "default"
+
+
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+@pytest.mark.parametrize("overrides", [
+    ["method=pgd,fgsm_rs,trades,natural,awp,free,oat,oats,rat,deat", "seed=range(0,10)"],
+    [f"+k{i}=" + "v" * 30 for i in range(10)] + ["attack=[pgd20,autoattack]"],
+    ["dataset.root='/data/my sets/cifar'", "optim.lr=0.1,0.05", "+trainer.note={a: 1}", "~eval.n", ".x=1"],
+    ["attack=[]", "method=pgd,trades"],
+])
+def test_sweep_name_is_short_and_safe_for_files_and_overrides(overrides):
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    name = sweep.sweep_name(overrides)
+    assert len(name) <= sweep.READABLE_CHARS + 9 and SAFE_NAME.fullmatch(name), name
+    # Neither `=` nor `,`: the folder goes back into an override unquoted, not read as a sweep.
+    (parsed,) = OverridesParser.create().parse_overrides([f"checkpoint=multirun/{name}/0_pgd/last.pt"])
+    assert parsed.value() == f"multirun/{name}/0_pgd/last.pt"
+    assert sweep.sweep_name(list(reversed(overrides))) == name
+
+
+def test_sweeps_that_differ_past_the_readable_part_get_their_own_folders():
+    base = ["method=pgd,trades", "seed=0,1,2", "dataset=cifar10", "arch=wrn34_10"]
+    names = {sweep.sweep_name([*base, f"dataset.root=/data/{tail}"]) for tail in ("a", "b")}
+    assert len(names) == 2
+    assert {n[:-9] for n in names} == {"pgd-trades__seed0-1-2__wrn34_10__cifar10"}  # the same first 40 characters
 
 
 def test_every_job_resolves_the_sweeps_folder_not_one_of_its_own():
@@ -50,6 +79,35 @@ def test_every_job_resolves_the_sweeps_folder_not_one_of_its_own():
             job_cfg = loader.load_sweep_config(master, job)
             assert list(job_cfg.hydra.overrides.task) == job
             assert job_cfg.hydra.sweep.dir == expected
+
+
+def test_sweep_summary_names_the_folder_counts_its_jobs_and_says_how_to_compare_them(tmp_path, monkeypatch):
+    folder = tmp_path / "multirun" / "pgd-trades__seed0-1-0123abcd"
+    for job in ("0_pgd", "1_trades", "2_pgd", "3_trades"):
+        (folder / job).mkdir(parents=True)
+        (folder / job / ".lock").touch()
+    (folder / "0_pgd" / "results.json").write_text("{}")
+    (folder / "1_trades" / "results.json").write_text("{}")
+    for other in (".gpu_locks/gpu0.lock", ".submitit/1/1_result.pkl"):  # launchers' files are no jobs
+        (folder / other).parent.mkdir(parents=True)
+        (folder / other).touch()
+    monkeypatch.chdir(tmp_path)
+    with rundir.exclusive(folder / "3_trades"):  # a rerun skipped the job another process trains
+        lines = sweep_callback.summary_lines(folder.resolve())
+    assert lines == ["sweep folder: multirun/pgd-trades__seed0-1-0123abcd (4 jobs: 2 finished, "
+                     "1 running in another process, 1 without results)",
+                     "compare the runs: advtrain-report multirun/pgd-trades__seed0-1-0123abcd"]
+    elsewhere = tmp_path / "my sweeps"  # outside the working directory: as given, quoted for the shell
+    (elsewhere / "0_pgd").mkdir(parents=True)
+    (elsewhere / "0_pgd" / "results.json").write_text("{}")
+    monkeypatch.chdir(folder)
+    assert sweep_callback.summary_lines(elsewhere) == [f"sweep folder: {elsewhere} (1 job: 1 finished)",
+                                                       f"compare the runs: advtrain-report '{elsewhere}'"]
+
+
+def _assert_ends_with_the_summary(stdout: str, shown: str, jobs: int) -> None:
+    assert stdout.splitlines()[-2:] == [f"sweep folder: {shown} ({jobs} jobs: {jobs} finished)",
+                                        f"compare the runs: advtrain-report {shown}"], stdout[-2000:]
 
 
 @pytest.fixture
@@ -169,6 +227,7 @@ def test_sweep_jobs_land_in_the_sweeps_folder_and_share_a_wandb_group(tmp_path):
     # One folder named by the command alone, so the same command (or it with resume=auto) finds it again.
     (sweep_dir,) = (tmp_path / "multirun").iterdir()
     assert sweep_dir.name == sweep.sweep_name(args[1:])
+    _assert_ends_with_the_summary(proc.stdout, f"multirun/{sweep_dir.name}", 2)
     jobs = sorted(p for p in sweep_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
     assert [p.name for p in jobs] == ["0_natural_synthetic_seed0", "1_fgsm_rs_synthetic_seed0"]
     runs = []
@@ -187,6 +246,7 @@ def test_parallel_launcher_runs_the_jobs_in_joblib_workers(tmp_path):
                     *SMALL, f"hydra.sweep.dir={tmp_path}"], cwd=tmp_path, timeout=180)
     assert proc.returncode == 0, proc.stderr
     assert "Joblib.Parallel(n_jobs=2" in proc.stderr + proc.stdout
+    _assert_ends_with_the_summary(proc.stdout, str(tmp_path), 2)  # after joblib's workers are done
     results = sorted(tmp_path.glob("*/results.json"))
     assert [json.loads(p.read_text())["method"] for p in results] == ["natural", "pgd"]
     saved = OmegaConf.load(results[0].parent / ".hydra" / "hydra.yaml")
