@@ -146,31 +146,6 @@ def test_missing_files_are_listed(tmp_path):
                    device=CPU, seed=0, batch_size=8)
 
 
-def test_failed_download_says_how_to_get_the_files(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("Name or service not known")
-
-    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
-    with pytest.raises(DataError, match=r"could not download mnist.*by hand from https://.*MNIST/raw"):
-        build_data(make_cfg(name="mnist", root=str(tmp_path), download=True), device=CPU, seed=0, batch_size=8)
-
-
-def test_offline_cifar_names_the_archive_the_absolute_folder_the_files_and_dataset_root(tmp_path, monkeypatch):
-    def offline(*args, **kwargs):
-        raise OSError("Name or service not known")
-
-    monkeypatch.setattr("torchvision.datasets.utils.download_and_extract_archive", offline)
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError) as info:  # the default root, "data", relative to where the user stands
-        build_data(make_cfg(name="cifar10", root="data", download=True, mean=[0.5] * 3, std=[0.25] * 3),
-                   device=CPU, seed=0, batch_size=8)
-    message = str(info.value)
-    assert "download cifar-10-python.tar.gz by hand from https://www.cs.toronto.edu/" in message
-    assert f"extract it in {tmp_path / 'data'} (the archive holds the folder cifar-10-batches-py/ with " \
-           "data_batch_1, data_batch_2, data_batch_3, data_batch_4, data_batch_5, test_batch)" in message
-    assert "dataset.root=" in message and "\n" not in message
-
-
 # --- CIFAR pickles and SVHN .mat -------------------------------------------------------------------------------
 
 

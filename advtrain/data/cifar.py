@@ -77,7 +77,8 @@ def read_cifar(name: str, root: Path, *, download: bool, check: bool) -> tuple[n
     by_hand = (f"download {tv.filename} by hand from {tv.url} and extract it in {root.resolve()} (the archive holds "
                f"the folder {tv.base_folder}/ with {', '.join(path.name for path, _ in every)})")
     if download and not all(path.is_file() for path, _ in every):
-        fetch(name, lambda: download_archive(tv.url, root, tv.filename, tv.tgz_md5), by_hand)
+        fetch(name, [tv.url], lambda url: download_archive(url, root, tv.filename, tv.tgz_md5), by_hand,
+              writes=[root / tv.filename, folder])
     missing = [path.name for path, _ in every if not path.is_file()]
     if missing:
         raise missing_files(name, folder, missing, by_hand)

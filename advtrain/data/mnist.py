@@ -73,7 +73,9 @@ def read_mnist(name: str, root: Path, *, download: bool, check: bool) -> tuple[n
                f"{folder.resolve()} (gzipped or not)")
     if missing and download:
         for stem in missing:
-            fetch(name, lambda: _download(tv, folder, f"{stem}.gz", gz_md5[stem]), by_hand)
+            gz = f"{stem}.gz"
+            fetch(name, tv.mirrors, lambda mirror: download_archive(f"{mirror}{gz}", folder, gz, gz_md5[stem]),
+                  by_hand, writes=[folder / gz, folder / stem])
         paths = locate()
         missing = [stem for stem, path in paths.items() if path is None]
     if missing:
@@ -94,14 +96,3 @@ def read_mnist(name: str, root: Path, *, download: bool, check: bool) -> tuple[n
             raise DataError(f"{labels_path}: labels outside 0..9")
         arrays += [images[:, None], labels.astype(np.int64)]
     return tuple(arrays)
-
-
-def _download(tv, folder: Path, filename: str, md5: str) -> None:
-    # Try every mirror torchvision knows before giving up; the first one answers in almost every case.
-    errors = []
-    for mirror in tv.mirrors:
-        try:
-            return download_archive(f"{mirror}{filename}", folder, filename, md5)
-        except (OSError, RuntimeError) as e:
-            errors.append(e)
-    raise errors[-1]

@@ -48,7 +48,8 @@ def read_svhn(root: Path, *, download: bool, check: bool) -> tuple[np.ndarray, .
     by_hand = f"download {', '.join(name for _, name, _ in splits)} by hand from {source} into {root.resolve()}"
     for url, filename, md5 in splits:
         if download and not (root / filename).is_file():
-            fetch("svhn", lambda: download_file(url, root, filename, md5), by_hand)
+            fetch("svhn", [url], lambda url: download_file(url, root, filename, md5), by_hand,
+                  writes=[root / filename])
     missing = [filename for _, filename, _ in splits if not (root / filename).is_file()]
     if missing:
         raise missing_files("svhn", root, missing, by_hand)
