@@ -5,7 +5,11 @@ No test here reaches the internet: every connection outside 127.0.0.1 is refused
 mirrors are pointed at closed local ports (refused at once) or at names whose lookup never answers.
 """
 
+import functools
+import hashlib
+import http.server
 import socket
+import tarfile
 import threading
 from pathlib import Path
 
@@ -17,6 +21,7 @@ from torchvision.datasets import utils as tv_utils
 
 from advtrain.data import DataError, build_data
 from advtrain.data import files
+from test_data import write_cifar10
 
 CPU = torch.device("cpu")
 MNIST_GZ = [f"{stem}.gz" for stem in
@@ -226,3 +231,25 @@ def test_download_false_names_the_files_and_both_ways_to_get_them(tmp_path, conn
     message = str(info.value)
     assert "set dataset.download=true (needs internet access)" in message and "point dataset.root=..." in message
     assert connections == [] and tree(tmp_path) == []
+
+
+def test_a_host_that_answers_is_downloaded_from(tmp_path, monkeypatch, connections, downloads):
+    """The probe costs a working network nothing but one connection: the archive comes and is read."""
+    served = tmp_path / "served"
+    write_cifar10(served)
+    archive = served / "cifar-10-python.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(served / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    quiet = type("Quiet", (http.server.SimpleHTTPRequestHandler,), {"log_message": lambda *args: None})
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(quiet, directory=str(served)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_port}/cifar-10-python.tar.gz"
+        monkeypatch.setattr(CIFAR10, "url", url)
+        monkeypatch.setattr(CIFAR10, "tgz_md5", hashlib.md5(archive.read_bytes()).hexdigest())
+        data = build_data(data_cfg("cifar10", tmp_path / "data"), device=CPU, seed=0, batch_size=8)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert (data.info.n_train, data.info.n_test) == (20, 3) and downloads == [url]
+    assert (tmp_path / "data" / "cifar-10-batches-py" / "test_batch").is_file()
