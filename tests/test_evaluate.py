@@ -39,8 +39,49 @@ def test_the_progress_lines_show_accuracy_in_percent():
     model, evalset = _setup()
     lines = []
     scores = evaluate(model, evalset, RANDOM_START, n=None, batch_size=512, seed=0, on_progress=lines.append)
-    assert len(lines) == 1 and lines[0].startswith("eval: 512 examples, clean 100.00%, pgd "), lines
+    assert len(lines) == 1 and lines[0].startswith("eval: 512 examples of 512, clean 100.00%, pgd "), lines
     assert f"pgd {100 * scores['pgd']:.2f}% (" in lines[0]
+
+
+def test_a_multi_batch_evaluation_shows_each_batch_the_attack_under_way_and_autoattack_s_stages(capsys):
+    """What a cluster log shows while an evaluation runs (not a terminal: lines, here one per event)."""
+    from advtrain.logging.console import EvalProgress
+
+    model, evalset = _setup()
+    suite = {**RANDOM_START, "aa": {"type": "autoattack", "eps": 0.1, "norm": "linf", "version": "custom",
+                                    "attacks": ["apgd-ce", "apgd-t"], "seed": 0}}
+    with EvalProgress("lines", log_every_s=0) as display:
+        evaluate_views(model, evalset, suite, n=64, batch_size=32, on_progress=display.line, watch=display)
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if "running" in line] == [
+        f"eval: running {attack}, batch {b}/2" for b in (1, 2) for attack in ("pgd", "aa")]
+    assert [line.partition(",")[0] for line in lines if "examples of" in line] == [
+        "eval: 32 examples of 64", "eval: 64 examples of 64"]
+    assert all("ETA" in line for line in lines if "examples of" in line)
+    stages = [line.split(" done")[0] for line in lines if "done on this batch" in line]
+    assert stages == ["eval: aa apgd-ce", "eval: aa apgd-t"] * 2, lines  # (eps 0.1 leaves robust ones for APGD-T)
+
+
+def test_the_progress_bar_keeps_the_count_and_the_times_on_an_80_column_terminal(monkeypatch):
+    """At 80 columns the metrics give way, whole ones from the end, never the step count or the ETA."""
+    import io
+
+    from rich.console import Console
+
+    from advtrain.logging import console as con
+
+    monkeypatch.setattr(con, "console", Console(file=io.StringIO(), width=80, force_terminal=True))
+    with con.TrainProgress(30, 6250, "bar") as progress:
+        progress.epoch(2)
+        for _ in range(377):
+            progress.step()
+        progress.show({"loss": 0.4312, "acc": 0.8123, "lr": 0.004512, "img/s": 1523.0, "eps": 0.031})
+        bar = progress._bar
+        shown = io.StringIO()
+        Console(file=shown, width=80, force_terminal=True, color_system=None).print(bar.make_tasks_table(bar.tasks))
+    row = shown.getvalue().rstrip()
+    assert "377/6250" in row and row.count(":") >= 4 and "…" not in row, row  # elapsed and ETA whole
+    assert "loss 0.4312" in row and "eps" not in row  # the first metrics kept, the last dropped
 
 
 # --- an evaluation stopped part-way goes on from its last batch -----------------------------------------------------

@@ -18,6 +18,7 @@ from torch import nn
 
 from advtrain.attacks import build_attack
 from advtrain.engine.distributed import SINGLE, Dist
+from advtrain.data.loader import shard
 from advtrain.engine.eval_progress import EvalProgress
 from advtrain.engine.results import attack_suite
 from advtrain.methods.base import View
@@ -37,7 +38,7 @@ def evaluate(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n: int 
 def evaluate_views(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n: int | None, batch_size: int,
                    seed: int = 0, views: Sequence[View] = PLAIN, on_progress: Callable[[str], None] | None = None,
                    dist: Dist = SINGLE, warnings: list[str] | None = None,
-                   progress_file: Path | None = None) -> dict[str, dict]:
+                   progress_file: Path | None = None, watch=None) -> dict[str, dict]:
     """view name -> {"n", "clean", <attack>: accuracy, ...}.
 
     `seed` seeds the attacks' random starts on a forked RNG: the numbers repeat, and the caller's stream (training
@@ -47,7 +48,9 @@ def evaluate_views(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n
 
     `progress_file`, if given, is this rank's progress file (advtrain.engine.eval_progress): the evaluation saves
     its state there after every batch and, run again with the same model and settings, goes on from the last batch
-    saved."""
+    saved. `on_progress` gets a line per batch (examples done, running accuracies, elapsed and ETA); `watch`, if
+    given, follows the evaluation within a batch (advtrain.logging.console.EvalProgress: `view`, `attacking`,
+    `stage` for each of AutoAttack's attacks, `step`)."""
     attacks = {name: build_attack(name, spec) for name, spec in suite.items()}
     was_training = model.training
     model.eval()
@@ -63,7 +66,7 @@ def evaluate_views(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n
         with torch.random.fork_rng([device] if device.type == "cuda" else []):
             torch.manual_seed(seed)
             scores = {view.name: _evaluate(bind(model, view.cond), view.name, evalset, attacks, n, batch_size,
-                                           on_progress, dist, found, kept) for view in views}
+                                           on_progress, dist, found, kept, watch) for view in views}
     finally:
         model.train(was_training)
     if warnings is not None:
@@ -72,8 +75,15 @@ def evaluate_views(model: nn.Module, evalset, suite: Mapping[str, Mapping], *, n
     return scores
 
 
+def planned(evalset, n: int | None, batch_size: int, dist: Dist = SINGLE) -> tuple[int, int]:
+    """(examples, batches) this rank evaluates of the first n."""
+    part = shard(evalset.n_examples if n is None else min(n, evalset.n_examples), dist.rank, dist.world_size)
+    examples = part.stop - part.start
+    return examples, -(-examples // batch_size)
+
+
 def _evaluate(model, view: str, evalset, attacks, n, batch_size, on_progress, dist, found,
-              kept: EvalProgress | None) -> dict:
+              kept: EvalProgress | None, watch) -> dict:
     parts = {name: getattr(attack, "attack_names", []) for name, attack in attacks.items()}
     # Every key exists on every rank from the start: the counts are summed over ranks by position.
     counts = {"clean": 0, **{name: 0 for name in attacks},
@@ -82,7 +92,10 @@ def _evaluate(model, view: str, evalset, attacks, n, batch_size, on_progress, di
     if kept is not None:
         saved, total, skip = kept.done(view)
         counts.update(saved)
-    start = time.perf_counter()
+    examples, batches = planned(evalset, n, batch_size, dist)
+    if watch is not None:
+        watch.view(view, examples, total, list(attacks))
+    start, resumed_at = time.perf_counter(), total
     for i, (x, y) in enumerate(evalset.batches(batch_size, n, dist.rank, dist.world_size)):
         if i < skip:  # evaluated before the run was stopped: its counts are in `counts` already
             continue
@@ -91,8 +104,16 @@ def _evaluate(model, view: str, evalset, attacks, n, batch_size, on_progress, di
         with torch.no_grad():
             clean = model(x).argmax(1) == y
         counts["clean"] += int(clean.sum())
+        if watch is not None:
+            watch.step(len(y))
         for name, attack in attacks.items():
+            if watch is not None:
+                watch.attacking(name, i, batches)
+                if hasattr(attack, "on_stage"):  # AutoAttack: its attacks as they finish on this batch
+                    attack.on_stage = lambda part, pct, s, name=name: watch.stage(name, part, pct, s)
             counts[name] += int((attack(model, x, y) & clean).sum())
+            if watch is not None:
+                watch.step(len(y))
             for part, robust in getattr(attack, "robust_after", {}).items():
                 counts[f"{name}/{part}"] += robust
             # AutoAttack checks each batch it is given, so its percentages are the batch's: say so. The whole
@@ -103,11 +124,16 @@ def _evaluate(model, view: str, evalset, attacks, n, batch_size, on_progress, di
         total += len(y)
         if kept is not None:
             kept.save(view, counts, total, i + 1, found)
+        accs = ", ".join(f"{k} {100 * v / total:.2f}%" for k, v in counts.items() if "/" not in k)
+        if watch is not None:
+            watch.step(0, {k: v / total for k, v in counts.items() if "/" not in k})
         if on_progress:
-            accs = ", ".join(f"{k} {100 * v / total:.2f}%" for k, v in counts.items() if "/" not in k)
-            shard = f" (rank 0 of {dist.world_size})" if dist.enabled else ""
+            on_rank = f" (rank 0 of {dist.world_size})" if dist.enabled else ""
             label = f"eval {view}" if view else "eval"
-            on_progress(f"{label}: {total} examples{shard}, {accs} ({time.perf_counter() - start:.0f} s)")
+            elapsed = time.perf_counter() - start
+            eta = elapsed / (total - resumed_at) * (examples - total)  # this run's pace, not the stopped one's
+            on_progress(f"{label}: {total} examples of {examples}{on_rank}, {accs} ({elapsed:.0f} s, "
+                        f"ETA {eta:.0f} s)")
     *summed, total = dist.sum([*counts.values(), total])
     return {"n": int(total), **{name: count / max(total, 1) for name, count in zip(counts, summed)}}
 

@@ -23,10 +23,12 @@ def _say(line: str) -> None:
 
 
 def final_evaluation(model: nn.Module, testset, suite: Mapping[str, Mapping], eval_cfg, views: Sequence[View], *,
-                     ckpts: RunCheckpoints, stops, what: str, dist: Dist = SINGLE) -> tuple[dict, list[str]]:
-    """(scores per view, AutoAttack's warnings) of `model` on the test set. `what` names the model in the
-    announcement ("final evaluation", "evaluating <checkpoint>"); `stops` (engine.signals.StopAtOnce) is told the
-    phase, so a stop signal names the progress file it leaves."""
+                     ckpts: RunCheckpoints, stops, what: str, dist: Dist = SINGLE, progress: str = "auto",
+                     log_every_s: float = 30.0) -> tuple[dict, list[str]]:
+    """(scores per view, AutoAttack's warnings) of `model` on the test set, shown as it goes (`progress`: auto, bar,
+    lines or off, as trainer.progress). `what` names the model in the announcement ("final evaluation", "evaluating
+    <checkpoint>"); `stops` (engine.signals.StopAtOnce) is told the phase, so a stop signal names the progress file
+    it leaves."""
     progress_file = progress_path(ckpts.run_dir, dist.rank, dist.world_size)
     # Training says where the evaluation's progress is (its own message names the checkpoint that stands);
     # advtrain-eval's message says it already.
@@ -36,10 +38,11 @@ def final_evaluation(model: nn.Module, testset, suite: Mapping[str, Mapping], ev
     warnings: list[str] = []
     kept = (f"the evaluation's progress up to its last finished batch is kept in {progress_file}: free some space "
             "and rerun the command to continue it")
-    with ckpts.reporting_full_disk(progress_file, kept):
+    display = con.EvalProgress(progress if dist.is_main else "off", log_every_s)
+    with ckpts.reporting_full_disk(progress_file, kept), display:
         scores = evaluate_views(model, testset, suite, n=eval_cfg.n, batch_size=eval_cfg.batch_size,
-                                seed=eval_cfg.seed, views=views, dist=dist, warnings=warnings, on_progress=_say,
-                                progress_file=progress_file)
+                                seed=eval_cfg.seed, views=views, dist=dist, warnings=warnings,
+                                on_progress=display.line, progress_file=progress_file, watch=display)
     return scores, warnings
 
 

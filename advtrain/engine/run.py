@@ -75,7 +75,8 @@ def _train(cfg, dist: Dist, device_index: int, stops, ckpts: RunCheckpoints) -> 
         sync_buffers(parts.model, dist)
         scores, warnings = final_evaluation(parts.model, parts.data.test, evaluation.suite, cfg.eval,
                                             parts.method.eval_views(), ckpts=ckpts, stops=stops,
-                                            what="final evaluation", dist=dist)
+                                            what="final evaluation", dist=dist, progress=cfg.trainer.progress,
+                                            log_every_s=cfg.trainer.log_every_s)
         (passes,) = dist.sum([counter.total])
         results = build_results(cfg, state, passes, parts.data.train.n_examples, scores, rt,
                                 checkpoint=str(ckpts.last_path), world_size=dist.world_size, warnings=warnings,

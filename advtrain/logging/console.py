@@ -10,7 +10,8 @@ import time
 from typing import Mapping
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn,
+                           TimeRemainingColumn)
 from rich.syntax import Syntax
 from rich.table import Table
 
@@ -49,7 +50,10 @@ def percent(fraction: float | None) -> str:
 
 def metrics_text(metrics: Mapping[str, float]) -> str:
     """Metrics on one line, accuracies in percent, the rest as they are: train/acc 81.23%  eval/n 1000  lr 0.1"""
-    return "  ".join(f"{key} {_value_text(key, value)}" for key, value in metrics.items())
+    return SEP.join(f"{key} {_value_text(key, value)}" for key, value in metrics.items())
+
+
+SEP = "  "  # between metrics: _fit drops whole ones at it
 
 
 def _value_text(key: str, value: float) -> str:
@@ -75,8 +79,7 @@ class TrainProgress:
 
     def __enter__(self):
         if self.mode == "bar":
-            self._bar = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("{task.fields[metrics]}"), TimeRemainingColumn(), console=console)
+            self._bar = _bar()
             self._bar.__enter__()
             self._task = self._bar.add_task("", total=self.batches, metrics="")
         return self
@@ -105,7 +108,7 @@ class TrainProgress:
     def show(self, metrics: Mapping[str, float]) -> None:
         text = metrics_text(metrics)
         if self._bar is not None:
-            self._bar.update(self._task, metrics=text)
+            self._bar.update(self._task, metrics=_fit(self._bar, self._task, text))
         elif self.mode == "lines":
             self._last_line = time.perf_counter()
             self.print(f"epoch {self._epoch + 1}/{self.epochs} batch {self._done}/{self.batches}  {text}")
@@ -118,3 +121,86 @@ class TrainProgress:
         else:
             console.print(line, markup=False)
             sys.stdout.flush()
+
+
+BAR_WIDTH = 24  # characters of the bar itself; the metrics get what a terminal has left
+
+
+def _bar() -> Progress:
+    """description, bar, done/total, metrics, elapsed, ETA: every column but the metrics at its natural width (see
+    _fit), so a narrow terminal loses metrics, never the count or the time left."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=BAR_WIDTH), MofNCompleteColumn(),
+                    TextColumn("{task.fields[metrics]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                    console=console)
+
+
+def _fit(bar: Progress, task_id, text: str) -> str:
+    """`text` cut at a metric boundary to what the terminal leaves beside the other columns (rich would otherwise
+    squeeze them all: "377/6…", "0:00:…")."""
+    t = next(t for t in bar.tasks if t.id == task_id)
+    total = int(t.total or 0)
+    fixed = len(t.description) + BAR_WIDTH + 2 * len(str(total)) + 1 + 2 * len("0:00:00") + 5  # 5 column gaps
+    budget = console.width - fixed - 1
+    parts = text.split(SEP)
+    while parts and len(SEP.join(parts)) > budget:
+        parts.pop()
+    return SEP.join(parts)
+
+
+class EvalProgress:
+    """The final evaluation as it runs (its hooks are advtrain.engine.evaluate's `watch`): on a terminal a bar over
+    the work (every example once clean and once per attack) with the attack under way, the running accuracies,
+    elapsed time and ETA; elsewhere the per-batch lines, AutoAttack's stages as they finish, and a line naming the
+    attack under way when `log_every_s` passed without one."""
+
+    def __init__(self, mode: str = "auto", log_every_s: float = 30.0):
+        self.mode = ("bar" if console.is_terminal else "lines") if mode == "auto" else mode
+        self.log_every_s = log_every_s
+        self._bar: Progress | None = None
+        self._task = None
+        self._label, self._last_line = "eval", time.perf_counter()
+
+    def __enter__(self):
+        if self.mode == "bar":
+            self._bar = _bar()
+            self._bar.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self._bar is not None:
+            self._bar.__exit__(*exc)
+
+    def view(self, name: str, examples: int, done: int, attacks: list[str]) -> None:
+        """A view's evaluation starts (or resumes with `done` examples evaluated)."""
+        self._label = f"eval {name}" if name else "eval"
+        if self._bar is not None:
+            passes = 1 + len(attacks)
+            self._task = self._bar.add_task(self._label, total=examples * passes, completed=done * passes,
+                                            metrics="")
+
+    def attacking(self, attack: str, batch: int, batches: int) -> None:
+        where = f"{attack}, batch {batch + 1}/{batches}"
+        if self._bar is not None:
+            self._bar.update(self._task, description=f"{self._label}: {where}")
+        elif self.mode == "lines" and time.perf_counter() - self._last_line >= self.log_every_s:
+            self.line(f"{self._label}: running {where}")
+
+    def stage(self, attack: str, part: str, robust_pct: float, elapsed_s: float) -> None:
+        """One of AutoAttack's attacks finished on the batch under attack."""
+        self.line(f"{self._label}: {attack} {part} done on this batch, {robust_pct:.2f}% of it still robust "
+                  f"({elapsed_s:.0f} s)")
+
+    def step(self, examples: int, accuracies: Mapping[str, float] | None = None) -> None:
+        """`examples` more went through one pass (clean or an attack); `accuracies` the running ones, if new."""
+        if self._bar is not None:
+            self._bar.advance(self._task, examples)
+            if accuracies:
+                text = SEP.join(f"{name} {percent(value)}" for name, value in accuracies.items())
+                self._bar.update(self._task, metrics=_fit(self._bar, self._task, text))
+
+    def line(self, text: str) -> None:
+        if self.mode == "off":
+            return
+        self._last_line = time.perf_counter()
+        (self._bar.console if self._bar is not None else console).print(text, markup=False)
+        sys.stdout.flush()
