@@ -104,10 +104,25 @@ def _check_range(value: Any, key: str, low: float, high: float | None, what: str
     raise ConfigError(f"{key}={value!r} is {what}: choose a value {bounds}")
 
 
-def _unknown_key(full_key: str, key: str, valid: list[str]) -> str:
+def _unknown_key(full_key: str, key: str, valid: list[str], *, hint: str = "") -> str:
+    """The one line for a key no schema takes, naming the nearest valid one in full, as it would be typed again."""
+    return f"unknown config key '{full_key}'{hint or did_you_mean(full_key, key, valid)}{_listing(valid)}"
+
+
+def nearest(full_key: str, key: str, valid: list[str]) -> str | None:
+    """The valid key closest to the mistyped `key`, dotted like `full_key` (method.step -> method.steps)."""
     close = difflib.get_close_matches(key, valid, n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    return f"unknown config key '{full_key}'{hint}; valid keys there: {', '.join(sorted(valid))}"
+    return full_key[:len(full_key) - len(key)] + close[0] if close else None
+
+
+def did_you_mean(full_key: str, key: str, valid: list[str]) -> str:
+    near = nearest(full_key, key, valid)
+    return f" (did you mean {near}?)" if near else ""
+
+
+def _listing(valid: list[str]) -> str:
+    shown = sorted(k for k in valid if not k.startswith("_"))  # _target_ is a plug-in's class, not a setting
+    return f"; valid keys there: {', '.join(shown)}" if shown else ""
 
 
 def _get(cfg: dict, dotted: str) -> Any:
@@ -139,8 +154,9 @@ def check_config(cfg: DictConfig, sections: dict[str, type], overrides: list[str
     out = dict(raw)
     for name, schema in sections.items():
         out[name] = _check_section(raw.get(name) or {}, schema, name)
+    method = None
     if "method" in raw:
-        out["method"] = _check_method(raw["method"])
+        method, out["method"] = _check_method(raw["method"])
     if "attack" in raw:
         out["attack"] = _check_attacks(raw["attack"])
     for key in POSITIVE:
@@ -160,7 +176,9 @@ def check_config(cfg: DictConfig, sections: dict[str, type], overrides: list[str
     if "optim" in out:
         _check_betas(out["optim"].get("betas"))
     if "arch" in out:
-        _check_arch(out["arch"])
+        options = _check_arch(out["arch"])
+        if method is not None:
+            _check_method_takes_arch(method, out["arch"]["name"], options)
     if "dataset" in out:
         _check_dataset_sizes(out["dataset"], n)
     if "attack" in raw:
@@ -176,11 +194,11 @@ def _check_betas(betas: Any) -> None:
         raise ConfigError(f"optim.betas={betas!r}: Adam's betas are exactly two numbers in [0, 1), e.g. [0.9, 0.999]")
 
 
-def _check_arch(arch: dict) -> None:
+def _check_arch(arch: dict) -> dict:
     from advtrain.models import check_arch
 
-    check_arch(arch["name"], depth=arch.get("depth"), widen_factor=arch.get("widen_factor"),
-               dropout=arch.get("dropout", 0.0))
+    return check_arch(arch["name"], depth=arch.get("depth"), widen_factor=arch.get("widen_factor"),
+                      dropout=arch.get("dropout", 0.0))
 
 
 def _check_dataset_sizes(dataset: dict, eval_n: int | None) -> None:
@@ -253,7 +271,9 @@ def _check_optional_packages(cfg: dict) -> None:
                           "or run with logger=none")
 
 
-def _check_method(section: Any) -> dict:
+def _check_method(section: Any) -> tuple[type, dict]:
+    """The method class the section selects (its module alone is imported: each pulls in torch code of its own),
+    and the section checked against the class's Config."""
     from advtrain.methods import UnknownMethod, method_class
 
     try:
@@ -263,7 +283,27 @@ def _check_method(section: Any) -> dict:
     out = _check_section(section, cls.Config, "method")
     if out.get("_target_") is None:  # only a method outside advtrain names its class: the others' sections (and
         out.pop("_target_", None)    # the checkpoints a run resumes from) stay as they were
-    return out
+    return cls, out
+
+
+def _check_method_takes_arch(method: type, arch: str, options: dict) -> None:
+    """A method that cannot change the chosen architecture (method=oat conditions BatchNorm layers, arch=mnist_net
+    has none) is refused here, not once the data is read and the model built."""
+    from advtrain.methods import Method
+
+    if method.check_model.__func__ is Method.check_model.__func__:
+        return  # takes any architecture: nothing to build
+    import torch
+
+    from advtrain.models import ARCHS, Classifier, Normalize
+
+    # On the CPU, not the meta device: meta's Python kernels import torch._dynamo, slower than building wrn34_10.
+    try:
+        with torch.no_grad():
+            body, head = ARCHS[arch]((3, 32, 32), 10, **options)
+    except Exception:  # noqa: BLE001 - not buildable for these nominal images: the real build says why, if at all
+        return
+    method.check_model(Classifier(Normalize([0.0], [1.0]), body, head, arch=arch))
 
 
 def _check_attacks(section: Any) -> dict:

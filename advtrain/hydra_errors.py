@@ -6,8 +6,10 @@ from __future__ import annotations
 from dataclasses import fields
 from pathlib import Path
 
-from advtrain.config import TOP_LEVEL, _unknown_key
-from advtrain.schema import TRAIN_SECTIONS
+from advtrain.config import TOP_LEVEL, _unknown_key, did_you_mean, nearest
+from advtrain.schema import TRAIN_SECTIONS, AttackConfig
+
+CONF = Path(__file__).parent / "conf"
 
 
 def describe_hydra_error(e: BaseException) -> str | None:
@@ -19,45 +21,54 @@ def describe_hydra_error(e: BaseException) -> str | None:
         return None
     cause = e.__cause__
     if isinstance(cause, (ConfigKeyError, ConfigAttributeError)) and cause.full_key:
-        full_key = str(cause.full_key)
-        section, _, key = full_key.rpartition(".")
-        if not section:  # the top level takes no new keys: check_config would refuse a +key as well
-            return _unknown_key(full_key, key, sorted(TOP_LEVEL))
-        chosen = _chosen_keys(section, cause.parent_node)
-        if chosen is not None and key in _valid_keys(section):
-            return (f"'{full_key}' is not a setting of the chosen {section} option; it takes: "
-                    f"{', '.join(chosen)}")
-        if key in _valid_keys(section):
-            return f"'{full_key}' is not a setting of the chosen {section} option (other {section} options take it)"
-        return _unknown_key(full_key, key, _valid_keys(section)) + f" (to add a new key on purpose: +{full_key}=...)"
+        return _unknown_key_in(str(cause.full_key), cause.parent_node)
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in str(e.missing_cfg_file):
         group, _, option = str(e.missing_cfg_file).rpartition("/")
-        options = sorted(p.stem for p in (Path(__file__).parent / "conf" / group).glob("*.yaml"))
+        options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
         if options:
             return f"{group}={option} is not an option; choose one of: {', '.join(options)}"
     return _first_line(e)
 
 
-def _chosen_keys(section: str, node) -> list[str] | None:
-    """The keys the chosen option of `section` takes (a method's own schema), where the failing node names it."""
-    if section != "method":
-        return None
-    from advtrain.methods import method_class
+def _unknown_key_in(full_key: str, node) -> str:
+    """A key the composed config does not hold. Answered from the composed node and the YAMLs alone: importing the
+    methods' torch code to list their settings took seconds (minutes on a cold disk) to answer a typo."""
+    section, _, key = full_key.rpartition(".")
+    if not section:  # the top level takes no new keys: check_config would refuse a +key as well
+        return _unknown_key(full_key, key, sorted(TOP_LEVEL))
+    chosen = _keys_of(node)
+    known = _section_keys(section)
+    if key in known:
+        if section.startswith("attack."):  # an entry holds only the keys it sets; its type decides the rest
+            return f"'{full_key}' is not set by attack {section[len('attack.'):]}: add it with +{full_key}=..."
+        if chosen is None:
+            return f"'{full_key}' is not a setting of the chosen {section} option (other {section} options take it)"
+        return (f"'{full_key}' is not a setting of the chosen {section} option{did_you_mean(full_key, key, chosen)}; "
+                f"it takes: {', '.join(k for k in chosen if not k.startswith('_'))}")
+    # No schema of the section takes the key, so a +key would be refused by the config check: no hint to add it.
+    if chosen is None:
+        return _unknown_key(full_key, key, known)
+    elsewhere = nearest(full_key, key, known) if nearest(full_key, key, chosen) is None else None
+    hint = f" (other {section} options take {elsewhere})" if elsewhere else ""  # logger.projet under logger=none
+    return _unknown_key(full_key, key, chosen, hint=hint)
 
-    try:
-        cls = method_class({k: node.get(k) for k in ("name", "_target_")})
-    except Exception:  # noqa: BLE001 - an unreadable node or an unknown method: fall back to the general message
-        return None
-    return [f.name for f in fields(cls.Config) if f.name != "_target_"]
+
+def _keys_of(node) -> list[str] | None:
+    from omegaconf import DictConfig
+
+    return [str(k) for k in node.keys()] if isinstance(node, DictConfig) else None
 
 
-def _valid_keys(section: str) -> list[str]:
+def _section_keys(section: str) -> list[str]:
+    """The keys some option of `section` takes."""
     if section in TRAIN_SECTIONS:
         return [f.name for f in fields(TRAIN_SECTIONS[section])]
-    if section == "method":
-        from advtrain.methods import discover  # the plug-ins' own schemas live beside their torch code
+    if section.startswith("attack.") and section.count(".") == 1:
+        return [f.name for f in fields(AttackConfig)]
+    if section == "method":  # each shipped YAML lists exactly its Config's fields (test_method_plugins holds it)
+        from omegaconf import OmegaConf
 
-        return sorted({f.name for m in discover().values() for f in fields(m.Config)} - {"_target_"})
+        return sorted({str(k) for p in (CONF / "method").glob("*.yaml") for k in OmegaConf.load(p)})
     return []
 
 

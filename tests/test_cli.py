@@ -190,7 +190,7 @@ def test_bad_input_gives_one_clean_line(case, tmp_path, trained):
                                 f"dataset.root={a_file} is a file; it must be the folder"),
         "run_dir_under_a_file": ([f"hydra.run.dir={a_file / 'run'}"],
                                  f"cannot create the run directory {a_file / 'run'}: Not a directory"),
-        "unknown_key": (["trainer.epoch=3"], "unknown config key 'trainer.epoch' (did you mean 'epochs'?)"),
+        "unknown_key": (["trainer.epoch=3"], "unknown config key 'trainer.epoch' (did you mean trainer.epochs?)"),
         "eps_range": (["dataset.eps=12"], "dataset.eps=12 is outside the valid range [0, 1]"),
         "wrong_type": (["trainer.batch_size=big"], "trainer.batch_size"),
         "unknown_option": (["method=pgdd"], "pgdd"),

@@ -113,6 +113,8 @@ def test_flops_grow_with_width_and_match_a_hand_count():
 def test_an_arch_that_cannot_be_slimmed_is_refused_in_one_line():
     with pytest.raises(ConfigError, match="arch=mnist_net cannot be slimmed: choose one of bn_cnn, "):
         _model("oats", arch="mnist_net")
+    with pytest.raises(ConfigError, match="arch=mnist_net cannot be slimmed"):  # by the config check, before any data
+        checked([*TINY, "method=oats"])
 
 
 def _one_step(method, model):

@@ -17,6 +17,8 @@ else: data, precision, LR, timing, checkpoints, logging. The contract covers the
   values to log and may change the method's state, which `state_dict` carries into checkpoints;
 - frozen companion models (RRM's teacher): `companions()` names advtrain checkpoints; the engine loads them safely,
   on the device, in eval mode without gradients, outside DDP, the optimizer and checkpoints, as `ctx.companions`;
+- architectures a method cannot change (OAT's BatchNorm, OATS' slimmable archs): `check_model` refuses them when
+  the config is checked, before any data is read;
 - requirements the engine honours: `find_unused_parameters` (some steps leave parameters unused: DDP must know),
   `compilable` (False: trainer.compile=true is refused in one line rather than giving wrong gradients);
 - several evaluation settings of one model (OAT's lambda): `eval_views()` lists them as data, `select_score` says
@@ -95,6 +97,12 @@ class Method:
         frozen models of `companions()`, to read shapes from (when a checkpoint is rebuilt they are their
         architectures only: never read their weights here)."""
         return model
+
+    @classmethod
+    def check_model(cls, model: nn.Module) -> None:
+        """Raise ConfigError, naming the arch and what is valid, for a model wrap_model cannot change. The config
+        check calls it with the chosen arch freshly built for nominal 3x32x32 images (only where a method overrides
+        this), so such a run is refused before any data is read."""
 
     def companions(self) -> dict[str, str]:
         """Frozen models this method needs: name -> path of an advtrain checkpoint (given as ctx.companions[name])."""

@@ -20,7 +20,6 @@ import torch
 
 from advtrain.attacks import pgd, random_init
 from advtrain.errors import ConfigError
-from advtrain.data.augment import apply_augmentation, invert_augmentation
 from advtrain.methods.base import StepsMethod, cross_entropy_update
 from advtrain.schema import MethodConfig, attack_steps, choice, count, pixel
 
@@ -91,11 +90,17 @@ class GAAT(StepsMethod):
             self.delta = torch.zeros((self.info.n_train, *x.shape[1:]), dtype=torch.float16, device=x.device)
             self.seen = torch.zeros(self.info.n_train, dtype=torch.bool, device=x.device)
         self.delta, self.seen = self.delta.to(x.device), self.seen.to(x.device)  # checkpoints load onto the CPU
+        # Imported here: advtrain.data brings torchvision and torch._dynamo, seconds that a config check of
+        # method=gaat (which imports this module) would spend before it could refuse a typo.
+        from advtrain.data.augment import apply_augmentation
+
         stored = apply_augmentation(self.delta[batch.index].float(), batch.crop, batch.flip, self.info.crop_padding)
         fresh = random_init(x, self.cfg.eps, "linf", self.cfg.start)
         return torch.where(self.seen[batch.index].view(-1, 1, 1, 1), x + stored, fresh)
 
     def _store(self, batch, delta: torch.Tensor) -> None:
+        from advtrain.data.augment import invert_augmentation
+
         uncovered = self.delta[batch.index].float() if batch.crop is not None else None  # kept outside the crop
         self.delta[batch.index] = invert_augmentation(delta, batch.crop, batch.flip, self.info.crop_padding,
                                                       into=uncovered).to(self.delta.dtype)

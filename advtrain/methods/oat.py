@@ -63,14 +63,18 @@ class OAT(Method):
         self.others = [v for v in self.lambdas if v > 0]
         self.generator = torch.Generator().manual_seed(0)  # host-side lambda sampling, carried in checkpoints
 
-    def wrap_model(self, model, companions):
-        encoding = orthogonal_encoding(len(self.lambdas), self.cfg.encoding_dim, self.cfg.encoding_seed)
-        count = replace_modules(model.body, lambda name, m: isinstance(m, nn.BatchNorm2d),
-                                lambda name, m: FiLMDualBN(m, self.lambdas, encoding))
-        if count == 0:
+    @classmethod
+    def check_model(cls, model):
+        if not any(isinstance(m, nn.BatchNorm2d) for m in model.body.modules()):
             raise ConfigError(f"method=oat conditions BatchNorm layers, and arch={getattr(model, 'arch', '?')} has "
                               "none: choose an architecture with BatchNorm (e.g. arch=bn_cnn, preact_resnet18, "
                               "resnet34, wrn16_8)")
+
+    def wrap_model(self, model, companions):
+        self.check_model(model)
+        encoding = orthogonal_encoding(len(self.lambdas), self.cfg.encoding_dim, self.cfg.encoding_seed)
+        replace_modules(model.body, lambda name, m: isinstance(m, nn.BatchNorm2d),
+                        lambda name, m: FiLMDualBN(m, self.lambdas, encoding))
         return model
 
     def sample(self, n: int) -> torch.Tensor:

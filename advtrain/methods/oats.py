@@ -50,11 +50,15 @@ class OATS(OAT):
         self.widths = tuple(sorted(widths))
         self.width_flops: dict[float, int] = {}  # width -> multiply-adds of one forward (set by wrap_model)
 
-    def wrap_model(self, model, companions):
+    @classmethod
+    def check_model(cls, model):
         arch = getattr(model, "arch", "?")
         if arch not in SLIMMABLE_ARCHS:
             raise ConfigError(f"method=oats slims convolutions and conditions BatchNorm, and arch={arch} cannot be "
                               f"slimmed: choose one of {', '.join(SLIMMABLE_ARCHS)}")
+
+    def wrap_model(self, model, companions):
+        self.check_model(model)
         slim(model, self.widths, self.lambdas, orthogonal_encoding(len(self.lambdas), self.cfg.encoding_dim,
                                                                    self.cfg.encoding_seed))
         shape = tuple(self.info.shape)
