@@ -142,6 +142,12 @@ def test_the_newest_epochs_are_kept_beside_last_pt_as_links(trained):
     assert load_checkpoint(folder / "epoch_0002.pt")["loop"]["epoch"] == 2
 
 
+def test_a_run_started_over_drops_the_epochs_of_the_run_it_replaces(tmp_path):
+    run_module.train(_cfg(), tmp_path)
+    run_module.train(_cfg("trainer.epochs=1", "resume=never"), tmp_path)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["epoch_0001.pt", "last.pt"]
+
+
 def test_keep_checkpoints_0_keeps_last_pt_alone(tmp_path):
     run_module.train(_cfg("trainer.epochs=2", "trainer.keep_checkpoints=0"), tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["last.pt"]

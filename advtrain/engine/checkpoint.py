@@ -301,7 +301,9 @@ class RunCheckpoints:
                 raise
             shutil.copyfile(self.last_path, tmp)  # a filesystem without hard links
         os.replace(tmp, kept)
-        for old in self.epoch_files()[self.keep:]:
+        # Epochs past this one belong to a run this one replaced (resume=never): never resume into them.
+        replaced = [p for p in self.epoch_files() if int(EPOCH_FILE.fullmatch(p.name).group(1)) > epoch]
+        for old in replaced + self.epoch_files()[len(replaced) + self.keep:]:
             old.unlink(missing_ok=True)
 
     @contextmanager

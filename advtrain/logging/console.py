@@ -199,8 +199,8 @@ class EvalProgress:
                 self._bar.update(self._task, metrics=_fit(self._bar, self._task, text))
 
     def line(self, text: str) -> None:
-        if self.mode == "off":
-            return
+        """A record of the evaluation (a batch done, a stage, a resume): printed in every mode, "off" included, as
+        the evaluation's lines always were; "off" turns off the bar and the reminders of the attack under way."""
         self._last_line = time.perf_counter()
         (self._bar.console if self._bar is not None else console).print(text, markup=False)
         sys.stdout.flush()
