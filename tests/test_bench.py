@@ -131,3 +131,23 @@ def test_flop_counter_agrees_with_the_published_count():
     with torch.no_grad(), MatrixFlops() as flops:
         model(torch.zeros(2, 3, 32, 32))
     assert flops.total / 2 == pytest.approx(1.111e9, rel=0.01)
+
+
+@pytest.mark.slow
+def test_bench_autoattack_runs_both_implementations_to_the_same_accuracy(tmp_path):
+    from advtrain.config import check_config
+    from advtrain.engine import run
+    from advtrain.schema import TRAIN_SECTIONS
+    from conftest import SYNTH, compose_train
+
+    cfg = check_config(compose_train([*SYNTH, "dataset.n_train=128", "trainer.batch_size=64", "trainer.epochs=1",
+                                      "dataset.eps=0.05"]), TRAIN_SECTIONS)
+    run.train(cfg, tmp_path)
+    proc = subprocess.run([sys.executable, str(REPO / "scripts" / "bench_autoattack.py"),
+                           str(tmp_path / "checkpoints" / "last.pt"), "--n", "16", "--repeats", "1"],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    ours, official = (line.split("robust accuracy ")[1].split("%")[0] for line in lines[:2])
+    assert lines[0].startswith("advtrain") and lines[1].startswith("official") and ours == official
+    assert lines[2].startswith("advtrain / official: ")
