@@ -157,8 +157,10 @@ def newcomer_run(tmp_path_factory):
 
 
 # What a method needs besides its defaults: OAT and OATS condition BatchNorm (mnist_net has none), RRM a teacher.
+# N-FGSM's k = 2 is the authors' for CIFAR/SVHN/ImageNet; at MNIST's eps 0.3 its noise (up to 0.6) swamps the
+# digits and this run stays at chance (0.134; k = 1: 0.376, k = 0.5: 0.574), so docs/methods.md advises k = 0.5 there.
 NEEDS = {"oat": lambda teacher: ["arch=bn_cnn"], "oats": lambda teacher: ["arch=bn_cnn"],
-         "rrm": lambda teacher: [f"method.teacher={teacher}"]}
+         "rrm": lambda teacher: [f"method.teacher={teacher}"], "nfgsm": lambda teacher: ["method.k=0.5"]}
 
 
 @pytest.mark.slow
