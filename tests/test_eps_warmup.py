@@ -69,6 +69,7 @@ def test_warmup_outside_0_1_is_a_one_line_error():
 def test_fgsm_rs_guard_attacks_at_the_full_eps_during_the_warmup(tmp_path, monkeypatch):
     """The overfitting guard compares epochs at one threat model: the full eps, whatever the warm-up's scale."""
     import advtrain.methods.fgsm_rs as fgsm_rs
+    import advtrain.methods.overfitting_guard as guard
 
     guard_eps = []
     plain = fgsm_rs.pgd
@@ -79,5 +80,6 @@ def test_fgsm_rs_guard_attacks_at_the_full_eps_during_the_warmup(tmp_path, monke
         return plain(model, x, y, **kw)
 
     monkeypatch.setattr(fgsm_rs, "pgd", recording)
+    monkeypatch.setattr(guard, "pgd", recording)  # the guard's own PGD (advtrain.methods.overfitting_guard)
     train(checked(["method=fgsm_rs", "trainer.epochs=3", "trainer.eps_warmup=0.9"]), tmp_path)
     assert guard_eps == [0.1, 0.1, 0.1]  # synthetic data's eps; the warm-up was at 0.4 and 0.7 of it

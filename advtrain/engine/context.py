@@ -89,6 +89,12 @@ class TrainContext:
         """End training after the current epoch (e.g. FGSM-RS's catastrophic-overfitting guard)."""
         self.stop_reason = reason
 
+    def warn(self, message: str) -> None:
+        """One line on the console (rank 0 alone prints): what a method saw and trained on regardless."""
+        from advtrain.logging import console as con
+
+        con.console.print(f"warning: {message}", markup=False)
+
 
 def _ddp(model: nn.Module) -> DistributedDataParallel | None:
     """The DDP wrapper in `model`'s wrapper chain (torch.compile around DDP included), if any."""

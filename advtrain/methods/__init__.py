@@ -19,7 +19,7 @@ from typing import Any, Mapping
 from advtrain.errors import ConfigError
 from advtrain.methods.base import Method, config_of
 
-HELPERS = {"base", "context", "replay", "schedules"}  # modules of this package that hold no method
+HELPERS = {"base", "context", "overfitting_guard", "replay", "schedules"}  # modules of this package that hold no method
 
 
 class UnknownMethod(ConfigError):

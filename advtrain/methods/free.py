@@ -16,15 +16,15 @@ from typing import Any
 
 import torch
 
-from advtrain.schema import MethodConfig, count, pixel
-from advtrain.methods.base import Method
+from advtrain.schema import count, pixel
+from advtrain.methods.overfitting_guard import GuardConfig, GuardedMethod
 from advtrain.methods.replay import carried_buffer, replay
 
 
-class FreeAT(Method):
+class FreeAT(GuardedMethod):
 
     @dataclass
-    class Config(MethodConfig):
+    class Config(GuardConfig):  # the guard: off by default, as the paper
         eps: Any = pixel()
         replays: int = count(8, what="the updates per minibatch")  # m: updates per minibatch
         step: Any = pixel(None)      # delta step per replay; None = eps, as in the paper
@@ -43,7 +43,8 @@ class FreeAT(Method):
         return {"loss": out.loss, "acc": out.acc}
 
     def state_dict(self):
-        return {"delta": self.delta}
+        return {**super().state_dict(), "delta": self.delta}
 
     def load_state_dict(self, state):
+        super().load_state_dict(state)
         self.delta = state["delta"]

@@ -59,8 +59,9 @@ from torch.nn import functional as F
 
 from advtrain.attacks import bn_mode, pgd, random_init
 from advtrain.errors import ConfigError
-from advtrain.methods.base import Method, accuracy
-from advtrain.schema import MethodConfig, choice, in_range, pixel
+from advtrain.methods.base import accuracy
+from advtrain.methods.overfitting_guard import GuardConfig, GuardedMethod
+from advtrain.schema import choice, in_range, pixel
 
 FGSM_PASSES = 1.0     # the attack step, g1 included
 ALIGN_PASSES = 1.0    # g2's forward + backward with create_graph
@@ -82,11 +83,11 @@ def alignment(g1: Tensor, g2: Tensor) -> tuple[Tensor, Tensor]:
     return torch.where(kept > 0, 1.0 - mean_cos, 0.0), mean_cos
 
 
-class GradAlign(Method):
+class GradAlign(GuardedMethod):
     compilable = False  # torch.compile does not differentiate through a create_graph gradient (double backward)
 
     @dataclass
-    class Config(MethodConfig):
+    class Config(GuardConfig):  # the guard: off by default, as GradAlign is its own remedy
         eps: Any = pixel()
         alpha_factor: float = 1.25  # FGSM step = alpha_factor * eps, then clamped to the ball (their --fgsm_alpha)
         # none: FGSM from x (their GradAlign runs, attack_init=zero); uniform: FGSM-RS (attack_init=random)

@@ -33,14 +33,15 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 from advtrain.attacks import pgd, project, random_init
-from advtrain.methods.base import Method, cross_entropy_update
-from advtrain.schema import MethodConfig, choice, in_range, pixel
+from advtrain.methods.base import cross_entropy_update
+from advtrain.methods.overfitting_guard import GuardConfig, GuardedMethod
+from advtrain.schema import choice, in_range, pixel
 
 
-class NFGSM(Method):
+class NFGSM(GuardedMethod):
 
     @dataclass
-    class Config(MethodConfig):
+    class Config(GuardConfig):  # the guard: off by default, as the authors need none
         eps: Any = pixel()
         alpha: Any = pixel(None)     # the step; None = eps, as the authors (--alpha = --epsilon)
         k: float = in_range(0, None, 2.0, what="the noise magnitude, a multiple of eps (0: no noise)")  # --unif
