@@ -59,25 +59,7 @@ def _no_autocast():
     return torch.autocast("cpu", enabled=False)
 
 
-def test_fgsm_rs_guard_restores_the_last_good_weights_on_collapse():
-    # Images that are all 0.2 or all 0.8: a model that thresholds the mean is robust at eps 0.1.
-    y = torch.arange(64) % 2
-    x = (0.2 + 0.6 * y.float()).view(-1, 1, 1, 1).expand(-1, 1, 4, 4).contiguous()
-    model = nn.Sequential(nn.Flatten(), nn.Linear(16, 2))
-    with torch.no_grad():
-        model[1].weight.copy_(torch.tensor([[-1.0] * 16, [1.0] * 16]))
-        model[1].bias.copy_(torch.tensor([8.0, -8.0]))  # class 1 iff the mean pixel exceeds 0.5
-    cfg = check_config(compose_train(["method=fgsm_rs", "dataset=synthetic"]), TRAIN_SECTIONS).method
-    method = build_method(cfg, None)
-    ctx = make_context(model, batch=(x, y), autocast=_no_autocast)
-    assert method.epoch_end(ctx, {})["guard_pgd_acc"] == 1.0 and ctx.stop_reason is None
-    good = {k: v.clone() for k, v in model.state_dict().items()}
-    with torch.no_grad():  # collapse: the model now answers class 0 whatever it sees
-        model[1].weight.zero_()
-        model[1].bias.copy_(torch.tensor([1.0, 0.0]))
-    assert method.epoch_end(ctx, {})["guard_pgd_acc"] == 0.5
-    assert "catastrophic overfitting" in ctx.stop_reason
-    assert all(torch.equal(v, good[k]) for k, v in model.state_dict().items())
+# FGSM-RS's guard (and every single-step method's): tests/test_overfitting_guard.py
 
 
 def test_free_keeps_delta_across_minibatches_inside_the_ball():
