@@ -60,6 +60,7 @@ METHOD_ROWS = {
     "trades": ("trades-10", ["method=trades", "method.steps=10"]),
     "awp": ("awp-pgd10", ["method=awp", "method.steps=10"]),
     "rat": ("rat-trades10", ["method=rat", "method.steps=10"]),
+    "mart": ("mart-10", ["method=mart", "method.steps=10"]),
 }
 
 
@@ -79,15 +80,19 @@ class Step:
 
 
 def method_names() -> list[str]:
-    """The methods advtrain ships: one YAML each in advtrain/conf/method/. PGD-10 first: it is the yardstick."""
-    names = sorted(p.stem for p in (REPO / "advtrain" / "conf" / "method").glob("*.yaml"))
+    """The methods advtrain ships, as its methods package finds them. PGD-10 first: it is the yardstick."""
+    from advtrain.methods import discover
+
+    names = sorted(discover())
     return ["pgd", *[n for n in names if n != "pgd"]]
 
 
 def needs_teacher(name: str) -> bool:
-    """A method whose YAML leaves `teacher` for the user to give (RRM)."""
-    yaml = (REPO / "advtrain" / "conf" / "method" / f"{name}.yaml").read_text()
-    return any(line.split("#")[0].split() == ["teacher:", "null"] for line in yaml.splitlines())
+    """A method whose `teacher` the user must give (RRM): its Config leaves it unset."""
+    from advtrain.methods import method_defaults
+
+    defaults = method_defaults({"name": name})
+    return "teacher" in defaults and defaults["teacher"] is None
 
 
 def cost_rows(teacher: Path) -> list[str]:
