@@ -11,9 +11,8 @@ The update's gradient of the base loss is taken at w + v; the weights are then r
 subtracted, so no rounding drifts in) and the optimizer steps: they move as if trained at their locally worst
 neighbour. Until `warmup_epochs` have run, the step is the base method's alone. gamma is a radius of the threat model
 in weight space, so the trainer's ε warm-up (trainer.eps_warmup, the MNIST recipe's) ramps it with ε: at MNIST's
-ε = 0.3 a full-size weight perturbation from the first update kept a newcomer's run (2 epochs of 2000 images) at
-chance accuracy, 13 % clean, and at 10 % after 4 epochs; ramped with ε it reached 56 % and 77 %. Without an ε warm-up (the
-authors' CIFAR recipes) nothing changes.
+ε = 0.3 a full-size weight perturbation from the first update keeps a short run at chance (docs/methods/rat.md
+has the numbers). Without an ε warm-up (the authors' CIFAR recipes) nothing changes.
 
 Cost: the base method's, plus the ascent's forward and backward on the base loss (1 pass for PGD-AT, 2 for TRADES'
 clean and adversarial halves). With several ranks each rank takes the ascent on its own shard (no all-reduce): the

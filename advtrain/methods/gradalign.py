@@ -37,9 +37,8 @@ Cost in passes per example (advtrain.attacks.passes: forward + backward = 1, a b
   1  the update's forward and backward through CE
   2  the update's backward through g2's forward+backward graph: reverse mode over a graph costs about twice that
      graph (the same 2:1 as backward:forward), and g2's graph is one pass
-  = 5 (FGSM alone: 2). The authors report GradAlign at about 3x FGSM's wall-clock time; the count is 2.5x because
-  double-backward kernels (BatchNorm's, conv's) run less efficiently than first-order ones, which passes do not
-  model. The time each epoch took is logged beside the count.
+  = 5 (FGSM alone: 2). Passes do not model that double-backward kernels (BatchNorm's, conv's) run less
+  efficiently than first-order ones: compare the time each epoch took, logged beside the count.
 
 Double backpropagation through DDP's reducer and through torch.compile is not supported: such runs are refused in
 one line (compilable=False; trainer.devices > 1 in setup). Under fp16 autocast g2 is not loss-scaled (the authors'
