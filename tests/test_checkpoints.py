@@ -244,8 +244,12 @@ def test_ctrl_c_while_a_run_starts_is_one_line_exit_130_and_leaves_no_folder(tmp
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while not run_dir.exists():  # Hydra made the run folder: the job has begun, torch is still to be imported
-        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
-        time.sleep(0.01)
+        try:  # wait on the process: one that ends before making its folder fails here at once
+            proc.wait(timeout=0.01)
+        except subprocess.TimeoutExpired:
+            assert time.monotonic() < deadline, "the run never made its folder"
+            continue
+        pytest.fail(f"the run ended before making its folder: {proc.communicate()}")
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
