@@ -21,7 +21,7 @@ def load_model(path, device="cpu", view: str | None = None):
 
     state = Checkpoint.load(path, map_location=device)
     method, model = model_from_checkpoint(state)
-    views = {v.name: v for v in method.eval_views()}
+    views = {v.name: v for v in method.views()}
     if view is None and "" not in views and not _callable_plain(model, state.model_spec["shape"]):
         # A network conditioned on its view (OAT's lambda) fails on its first call without one: say so here.
         raise CheckpointError(f"{path} holds one network for several views of method "

@@ -133,7 +133,7 @@ def _get(cfg: dict, dotted: str) -> Any:
 
 
 TOP_LEVEL = {"dataset", "arch", "method", "attack", "optim", "schedule", "trainer", "eval", "logger",
-             "seed", "resume", "experiment", "checkpoint"}
+             "seed", "resume", "experiment", "checkpoint", "method_settings"}
 
 
 def check_config(cfg: DictConfig, sections: dict[str, type], overrides: list[str] | None = None) -> DictConfig:
@@ -145,9 +145,12 @@ def check_config(cfg: DictConfig, sections: dict[str, type], overrides: list[str
     first problem.
     """
     try:
+        cfg, own_settings = _pop_method_settings(cfg)
         raw = OmegaConf.to_container(cfg, resolve=True)
     except InterpolationResolutionError as e:
         raise ConfigError(f"config value {e.full_key} could not be resolved: {str(e).splitlines()[0]}") from None
+    if own_settings:
+        raw["method"] = {**raw["method"], **own_settings}
     unknown = sorted(set(raw) - TOP_LEVEL)
     if unknown:
         raise ConfigError(_unknown_key(unknown[0], unknown[0], sorted(TOP_LEVEL)))
@@ -284,6 +287,35 @@ def _check_method(section: Any) -> tuple[type, dict]:
     if out.get("_target_") is None:  # only a method outside advtrain names its class: the others' sections (and
         out.pop("_target_", None)    # the checkpoints a run resumes from) stay as they were
     return cls, out
+
+
+def _pop_method_settings(cfg: DictConfig) -> tuple[DictConfig, dict]:
+    """(the config without method_settings, the chosen method's entry of it, resolved). A sweep over methods (a
+    comparison preset) gives each method settings of its own there, e.g. RRM's teacher, which the others would
+    refuse; only the chosen method's entry is resolved (the teacher's path may name the sweep's folder)."""
+    if "method_settings" not in cfg:
+        return cfg, {}
+    from advtrain.methods import shipped
+
+    settings = cfg.method_settings
+    if settings is None:
+        settings = {}
+    elif not OmegaConf.is_dict(settings):
+        raise ConfigError(f"method_settings={settings!r}: expected a mapping of method name -> its settings, e.g. "
+                          "method_settings.rrm.teacher=<checkpoint>")
+    names = shipped()
+    for key in settings:
+        if key not in names:
+            raise ConfigError(f"method_settings.{key}: there is no method {key!r}{did_you_mean(key, key, names)}; "
+                              f"methods: {', '.join(names)}")
+    chosen = OmegaConf.select(cfg, "method.name", default=None) if OmegaConf.is_dict(cfg.get("method")) else \
+        cfg.get("method")
+    own = settings.get(chosen) if chosen in settings else None
+    if own is not None and not OmegaConf.is_dict(own):
+        raise ConfigError(f"method_settings.{chosen}={own!r}: expected the method's settings, e.g. "
+                          f"method_settings.{chosen}.<key>=<value>")
+    own = OmegaConf.to_container(own, resolve=True) if own is not None else {}
+    return OmegaConf.masked_copy(cfg, [k for k in cfg if k != "method_settings"]), own
 
 
 def _check_method_takes_arch(method: type, arch: str, options: dict) -> None:

@@ -114,3 +114,20 @@ def test_a_shipped_methods_section_carries_no_target_key():
     for method in ("pgd", "free", "natural"):
         cfg = check_config(compose_train([f"method={method}"]), TRAIN_SECTIONS)
         assert "_target_" not in cfg.method and cfg.method.name == method
+
+
+def test_method_settings_reach_the_chosen_method_only():
+    """A sweep over methods gives each its own settings: the chosen method's entry is merged, the others' are
+    neither merged nor resolved (RRM's teacher path may name a sweep folder that only a multirun job knows)."""
+    cfg = checked(["dataset=synthetic", "method=pgd", "+method_settings.pgd.steps=3",
+                   "+method_settings.rrm.teacher=${oc.env:NOT_SET_ANYWHERE}"])
+    assert cfg.method.steps == 3 and "method_settings" not in cfg
+    assert checked(["dataset=synthetic", "method=trades", "+method_settings.pgd.steps=3"]).method.steps == 7  # the synthetic default
+
+
+def test_method_settings_name_real_methods_and_keys_in_one_line():
+    with pytest.raises(ConfigError, match=r"^method_settings.trade: there is no method 'trade' \(did you mean "
+                                          r"trades\?\); methods: awp, "):
+        checked(["method=pgd", "+method_settings.trade.beta=1.0"])
+    with pytest.raises(ConfigError, match=r"unknown config key 'method.stepz' \(did you mean method.steps\?\)"):
+        checked(["method=pgd", "+method_settings.pgd.stepz=3"])

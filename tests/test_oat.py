@@ -168,3 +168,13 @@ def test_the_fixed_lambda_baseline_is_pgd_at_with_a_weighted_clean_term():
 
     with pytest.raises(ConfigError, match=r"method.adv_weight=1.5: expected a weight in \[0, 1\]"):
         build_method(checked([*TINY, "method=pgd", "method.adv_weight=1.5"]).method, None)
+
+
+def test_eval_lambdas_keep_the_evaluation_to_some_views_while_load_model_offers_all():
+    cfg = checked([*OAT, "method.eval_lambdas=[1.0,0.0]"])
+    method = build_method(cfg.method, type("Info", (), {"num_classes": 4})())
+    assert [v.name for v in method.eval_views()] == ["lambda=0", "lambda=1"]
+    assert [v.name for v in method.views()] == [f"lambda={v:g}" for v in LAMBDAS]
+    with pytest.raises(advtrain.errors.ConfigError, match=r"method.eval_lambdas=\[0.5\]: expected a non-empty list "
+                                                          r"of values of method.lambdas=\[0.0, 0.1, "):
+        build_method(checked([*OAT, "method.eval_lambdas=[0.5]"]).method, type("Info", (), {"num_classes": 4})())

@@ -198,3 +198,15 @@ def test_a_resumed_oats_run_equals_an_uninterrupted_one(tmp_path):
     args = [*OATS, "trainer.epochs=2", "dataset.n_train=256", "method.steps=2", "attack=[]",
             "trainer.deterministic=true", "trainer.log_every_s=0"]
     assert_resume_equals_straight(args, tmp_path, "epoch 2/2 batch 2/")
+
+
+def test_eval_widths_and_lambdas_pick_the_evaluated_views():
+    method = build_method(checked([*OATS, "method.eval_widths=[0.5,1.0]", "method.eval_lambdas=[0.0,1.0]"]).method,
+                          SimpleNamespace(num_classes=4, shape=(1, 12, 12)))
+    method.width_flops = {w: 1 for w in WIDTHS}  # set by wrap_model; the names are what is tested
+    assert [v.name for v in method.eval_views()] == ["width=1,lambda=0", "width=1,lambda=1", "width=0.5,lambda=0",
+                                                     "width=0.5,lambda=1"]
+    assert [v.name for v in method.views()] == _views()
+    with pytest.raises(ConfigError, match=r"method.eval_widths=\[0.25\]: expected a non-empty list of values of "
+                                          r"method.widths=\[0.5, 0.75, 1.0\]"):
+        build_method(checked([*OATS, "method.eval_widths=[0.25]"]).method, SimpleNamespace(num_classes=4))

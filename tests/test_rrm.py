@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from advtrain.engine.checkpoint import load_checkpoint
+from advtrain.errors import CheckpointError
 from advtrain.engine.precision import resolve_runtime
 from advtrain.engine.run import build_parts
 from conftest import assert_resume_equals_straight, TINY, checked, run_cli
@@ -132,3 +133,17 @@ def test_rrm_trains_on_two_gloo_ranks(teacher, tmp_path):
     assert proc.returncode == 0, proc.stderr
     results = json.loads((run_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["passes_per_example"] == pytest.approx(1 + 1 / 3)
+
+
+def test_a_teacher_whose_run_has_not_finished_is_refused(teacher, tmp_path):
+    """A sweep that trains the teacher beside its students (experiment=fashion_mnist_methods) must not hand a
+    student a half-trained teacher: an epoch checkpoint of an unfinished run is refused in one line."""
+    from advtrain.engine.checkpoint import save_checkpoint
+
+    state = load_checkpoint(teacher)
+    state["loop"].update(finished=False, epoch=1)
+    unfinished = tmp_path / "unfinished.pt"
+    save_checkpoint(state, unfinished)
+    with pytest.raises(CheckpointError, match=r"^the method's teacher model .*unfinished.pt is from a run that has not "
+                                              r"finished training \(it stands at epoch 1\)"):
+        _parts(unfinished)

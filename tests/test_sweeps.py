@@ -251,3 +251,34 @@ def test_parallel_launcher_runs_the_jobs_in_joblib_workers(tmp_path):
     assert [json.loads(p.read_text())["method"] for p in results] == ["natural", "pgd"]
     saved = OmegaConf.load(results[0].parent / ".hydra" / "hydra.yaml")
     assert saved.hydra.launcher._target_ == sweep.JOBLIB_LAUNCHER
+
+
+def test_the_method_table_preset_sweeps_every_shipped_method_over_three_seeds():
+    from advtrain.methods import shipped
+
+    params = OmegaConf.load(REPO / "advtrain" / "conf" / "experiment" / "fashion_mnist_methods.yaml").hydra.sweeper.params
+    methods = params.method.split(",")
+    assert sorted(methods) == shipped() and methods[0] == "pgd" and methods[-1] == "rrm"  # the teacher first
+    assert params.seed == "0,1,2"
+
+
+@pytest.mark.slow
+def test_the_method_table_sweep_runs_every_method_and_rrm_learns_from_its_pgd_run(tmp_path):
+    """The preset's sweep, one seed on tiny synthetic data: a job per method in <method>_seed<seed>, OAT and OATS
+    evaluated at the ends of their trade-off only, RRM's teacher the same seed's PGD-AT model of this sweep."""
+    sweep_dir = tmp_path / "table"
+    proc = run_cli(["-m", "experiment=fashion_mnist_methods", *[a for a in TINY if a != "arch=mnist_net"],
+                    "dataset.train_subset=256", "eval.n=32",
+                    "trainer.epochs=1", "hydra.sweeper.params.seed=0", f"hydra.sweep.dir={sweep_dir}"],
+                   cwd=tmp_path, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    from advtrain.methods import shipped
+
+    assert sorted(p.name for p in sweep_dir.iterdir() if p.is_dir()) == sorted(f"{m}_seed0" for m in shipped())
+    results = {m: json.loads((sweep_dir / f"{m}_seed0" / "results.json").read_text()) for m in shipped()}
+    assert results["rrm"]["companions"]["teacher"]["checkpoint"] == f"{sweep_dir}/pgd_seed0/checkpoints/last.pt"
+    assert list(results["oat"]["views"]) == ["lambda=0", "lambda=1"]
+    assert list(results["oats"]["views"]) == ["width=1,lambda=0", "width=1,lambda=1", "width=0.5,lambda=0",
+                                              "width=0.5,lambda=1"]
+    assert results["pgd"]["config"]["method"]["steps"] == 10  # the yardstick: PGD-10 at step 2.5 eps / 10
+    assert results["gaat"]["config"]["method"]["steps"] == 10

@@ -155,6 +155,10 @@ def load_companion(name: str, path: str, info, device: torch.device) -> tuple[nn
         _, model = model_from_checkpoint(state)
     except CheckpointError as e:
         raise CheckpointError(f"the method's {name} model: {e}") from None
+    if not state.loop.get("finished", True):
+        # A sweep that trains the teacher beside its students must not hand a student a half-trained one.
+        raise CheckpointError(f"the method's {name} model {path} is from a run that has not finished training "
+                              f"(it stands at epoch {state.loop.get('epoch', 0)}): finish that run, then rerun this one")
     spec = state.model_spec
     if tuple(spec["shape"]) != tuple(info.shape) or spec["num_classes"] != info.num_classes:
         raise CheckpointError(f"the method's {name} model {path} was trained on {spec['dataset']} images of shape "

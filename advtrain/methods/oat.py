@@ -52,6 +52,9 @@ class OAT(Method):
         encoding_dim: int = count(128, what="the encoding's size")
         # the authors' encoding is unseeded; here it is, and inside the checkpoint
         encoding_seed: int = in_range(0, SEED_MAX, 0, what=SEED)
+        # the lambdas evaluated at the end, each a view with the whole attack suite (null: every trained lambda).
+        # AutoAttack per lambda is most of a small run's cost: a comparison can keep the two ends, [0.0, 1.0].
+        eval_lambdas: Optional[List[float]] = None
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
@@ -61,6 +64,7 @@ class OAT(Method):
         self.lambdas = tuple(sorted(lambdas))
         self.p_zero = cfg.p_zero if cfg.p_zero is not None else 1 / len(self.lambdas)
         self.others = [v for v in self.lambdas if v > 0]
+        self.eval_lambdas = _subset("eval_lambdas", cfg.eval_lambdas, self.lambdas, "method.lambdas")
         self.generator = torch.Generator().manual_seed(0)  # host-side lambda sampling, carried in checkpoints
 
     @classmethod
@@ -113,8 +117,11 @@ class OAT(Method):
         counter.add(len(y_rows), 1)
         return ((1 - weights) * ce_clean + weights * ce_adv).mean(), clean
 
-    def eval_views(self):
+    def views(self):
         return [View(f"lambda={v:g}", FixedLambda(v, self.lambdas)) for v in self.lambdas]
+
+    def eval_views(self):
+        return [View(f"lambda={v:g}", FixedLambda(v, self.lambdas)) for v in self.eval_lambdas]
 
     def select_score(self, scores):
         """Model selection: the first attack's accuracy averaged over the lambdas (one checkpoint serves them all)."""
@@ -128,3 +135,15 @@ class OAT(Method):
 
     def load_state_dict(self, state):
         self.generator.set_state(state["generator"])
+
+
+def _subset(key: str, chosen, trained: tuple, trained_key: str) -> tuple:
+    """The values of `chosen` (null: all of `trained`), each one of `trained`: a view is a trained setting."""
+    if chosen is None:
+        return trained
+    values = [float(v) for v in chosen]
+    stray = [v for v in values if v not in trained]
+    if stray or not values:
+        raise ConfigError(f"method.{key}={values}: expected a non-empty list of values of {trained_key}="
+                          f"{list(trained)}")
+    return tuple(sorted(set(values)))

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import partial
-from typing import List
+from typing import List, Optional
 
 import torch
 
 from advtrain.errors import ConfigError
 from advtrain.methods.base import View, accuracy
-from advtrain.methods.oat import OAT
+from advtrain.methods.oat import OAT, _subset
 from advtrain.models import forward_flops
 from advtrain.models.conditioned_bn import FixedLambda, orthogonal_encoding
 from advtrain.models.slimmable import SLIMMABLE_ARCHS, FixedSlim, Slim, slim
@@ -41,6 +41,7 @@ class OATS(OAT):
     @dataclass
     class Config(OAT.Config):
         widths: List[float] = field(default_factory=lambda: [0.5, 0.75, 1.0])  # width multipliers, 1.0 among them
+        eval_widths: Optional[List[float]] = None  # the widths evaluated at the end (null: every trained width)
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
@@ -48,6 +49,7 @@ class OATS(OAT):
         if 1.0 not in widths or len(set(widths)) != len(widths) or not all(0 < w <= 1 for w in widths):
             raise ConfigError(f"method.widths={widths}: expected distinct values in (0, 1], 1.0 among them")
         self.widths = tuple(sorted(widths))
+        self.eval_widths = _subset("eval_widths", cfg.eval_widths, self.widths, "method.widths")
         self.width_flops: dict[float, int] = {}  # width -> multiply-adds of one forward (set by wrap_model)
 
     @classmethod
@@ -80,9 +82,15 @@ class OATS(OAT):
         ctx.step()
         return {"loss": torch.stack(losses).mean(), "acc": torch.stack(accs).mean()}
 
+    def views(self):
+        return self._views(self.widths, self.lambdas)
+
     def eval_views(self):
+        return self._views(self.eval_widths, self.eval_lambdas)
+
+    def _views(self, widths, lambdas):
         return [View(f"width={w:g},lambda={v:g}", FixedSlim(w, FixedLambda(v, self.lambdas)), self.width_flops[w])
-                for w in reversed(self.widths) for v in self.lambdas]
+                for w in reversed(widths) for v in lambdas]
 
 
 class _Scaled:
