@@ -11,6 +11,7 @@ import difflib
 import importlib.util
 import math
 from dataclasses import fields
+from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
@@ -295,15 +296,13 @@ def _pop_method_settings(cfg: DictConfig) -> tuple[DictConfig, dict]:
     refuse; only the chosen method's entry is resolved (the teacher's path may name the sweep's folder)."""
     if "method_settings" not in cfg:
         return cfg, {}
-    from advtrain.methods import shipped
-
     settings = cfg.method_settings
     if settings is None:
         settings = {}
     elif not OmegaConf.is_dict(settings):
         raise ConfigError(f"method_settings={settings!r}: expected a mapping of method name -> its settings, e.g. "
                           "method_settings.rrm.teacher=<checkpoint>")
-    names = shipped()
+    names = sorted(p.stem for p in (Path(__file__).parent / "conf" / "method").glob("*.yaml"))  # no torch import
     for key in settings:
         if key not in names:
             raise ConfigError(f"method_settings.{key}: there is no method {key!r}{did_you_mean(key, key, names)}; "
