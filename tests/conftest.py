@@ -105,17 +105,3 @@ def mnist_root() -> Path:
         pytest.skip(f"real MNIST not found under {SHARED_DATA}")
     return SHARED_DATA
 
-
-def assert_resume_equals_straight(args: list[str], tmp_path: Path, marker: str) -> None:
-    """A run stopped by SIGTERM at `marker` and rerun ends with the weights of the same run left alone, bit for bit."""
-    import torch
-
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'straight'}"], cwd=tmp_path)
-    assert proc.returncode == 0, proc.stderr
-    stopped = interrupt_after([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], tmp_path, marker)
-    assert stopped.returncode == 128 + signal.SIGTERM, stopped.stderr
-    proc = run_cli([*args, f"hydra.run.dir={tmp_path / 'resumed'}"], cwd=tmp_path)
-    assert proc.returncode == 0 and "resumed from" in proc.stdout, proc.stderr
-    a, b = (torch.load(tmp_path / run / "checkpoints" / "last.pt", weights_only=True)["model"]
-            for run in ("straight", "resumed"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -17,7 +17,7 @@ from advtrain.methods.base import config_of
 from advtrain.methods.gradalign import GradAlign, alignment
 from advtrain.schema import TRAIN_SECTIONS
 from advtrain.config import ConfigError, check_config
-from conftest import SYNTH, TINY, assert_resume_equals_straight, compose_train, make_context
+from conftest import SYNTH, compose_train, make_context
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -137,10 +137,3 @@ def test_ddp_is_refused_in_one_line():
     method = GradAlign(config_of(GradAlign, eps=EPS), info=None)
     with pytest.raises(ConfigError, match="trainer.devices=1"):
         method.setup(SimpleNamespace(dist=SimpleNamespace(enabled=True)))
-
-
-@pytest.mark.slow
-def test_a_resumed_gradalign_run_equals_an_uninterrupted_one(tmp_path):
-    args = [*TINY, "method=gradalign", "method.start=uniform", "trainer.epochs=3", "trainer.deterministic=true",
-            "trainer.log_every_s=0"]
-    assert_resume_equals_straight(args, tmp_path, "epoch 2/3 batch 3/")

@@ -14,7 +14,7 @@ from advtrain.engine import run as run_module
 from advtrain.methods import build_method
 from advtrain.methods.mart import mart_terms
 from advtrain.schema import TRAIN_SECTIONS
-from conftest import SYNTH, TINY, assert_resume_equals_straight, checked, compose_train, make_context
+from conftest import SYNTH, TINY, checked, compose_train, make_context
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -131,10 +131,3 @@ def test_a_run_counts_k_plus_two_passes_per_example(tmp_path):
                                       "trainer.batch_size=64", "trainer.epochs=1"]), TRAIN_SECTIONS)
     results = run_module.train(cfg, tmp_path)
     assert results["passes_per_example"] == pytest.approx(3 + 2)  # K attack steps, the update's two halves
-
-
-@pytest.mark.slow
-def test_a_resumed_run_equals_an_uninterrupted_one(tmp_path):
-    args = [*TINY, "method=mart", "method.steps=2", "trainer.epochs=3", "trainer.deterministic=true",
-            "trainer.log_every_s=0"]
-    assert_resume_equals_straight(args, tmp_path, "epoch 2/3 batch 3/")

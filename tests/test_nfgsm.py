@@ -12,7 +12,7 @@ from torch.nn import functional as F
 from advtrain.data import Batch
 from advtrain.engine import run as run_module
 from advtrain.methods import build_method
-from conftest import SYNTH, TINY, assert_resume_equals_straight, checked, make_context
+from conftest import SYNTH, TINY, checked, make_context
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -145,9 +145,3 @@ def test_a_run_costs_two_passes_per_example(tmp_path):
     cfg = checked([*SYNTH, "method=nfgsm", "dataset.n_train=128", "trainer.batch_size=64", "trainer.epochs=1"])
     results = run_module.train(cfg, tmp_path)
     assert results["method"] == "nfgsm" and results["passes_per_example"] == pytest.approx(2.0)
-
-
-@pytest.mark.slow
-def test_a_resumed_nfgsm_run_equals_an_uninterrupted_one(tmp_path):
-    args = [*TINY, "method=nfgsm", "trainer.epochs=3", "trainer.deterministic=true", "trainer.log_every_s=0"]
-    assert_resume_equals_straight(args, tmp_path, "epoch 2/3 batch 3/")

@@ -16,7 +16,7 @@ from advtrain.engine.network import model_from_checkpoint
 from advtrain.methods import build_method
 from advtrain.models import bind, build_model
 from advtrain.models.conditioned_bn import FiLMDualBN, FixedLambda, Lambdas, orthogonal_encoding
-from conftest import assert_resume_equals_straight, TINY, checked, run_cli
+from conftest import TINY, checked, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)
@@ -107,12 +107,6 @@ def test_the_encoding_travels_in_the_checkpoint_and_views_load(oat_run):
     with torch.no_grad():
         assert torch.equal(view(x), bind(plain, FixedLambda(0.3, LAMBDAS))(x))
         assert not torch.equal(view(x), bind(plain, FixedLambda(0.0, LAMBDAS))(x))
-
-
-@pytest.mark.slow
-def test_a_resumed_oat_run_equals_an_uninterrupted_one(tmp_path):
-    args = [*OAT, "trainer.epochs=3", "trainer.deterministic=true", "trainer.log_every_s=0"]
-    assert_resume_equals_straight(args, tmp_path, "epoch 2/3 batch 3/")
 
 
 @pytest.mark.slow

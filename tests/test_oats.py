@@ -19,7 +19,7 @@ from advtrain.methods import build_method
 from advtrain.models import bind, build_model, forward_flops
 from advtrain.models.conditioned_bn import FixedLambda, Lambdas
 from advtrain.models.slimmable import FixedSlim, Slim, SlimConv2d, SlimFiLMDualBN, SlimLinear
-from conftest import assert_resume_equals_straight, TINY, checked, make_context, run_cli
+from conftest import TINY, checked, make_context, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 LAMBDAS = (0.0, 0.1, 0.2, 0.3, 0.4, 1.0)
@@ -191,13 +191,6 @@ def test_a_run_writes_every_view_with_its_flops_and_its_views_load(tmp_path):
     assert proc.returncode == 0, proc.stderr
     evaluated = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert evaluated["flops"] == results["flops"] and evaluated["views"][name]["clean"] == scores["clean"]
-
-
-@pytest.mark.slow
-def test_a_resumed_oats_run_equals_an_uninterrupted_one(tmp_path):
-    args = [*OATS, "trainer.epochs=2", "dataset.n_train=256", "method.steps=2", "attack=[]",
-            "trainer.deterministic=true", "trainer.log_every_s=0"]
-    assert_resume_equals_straight(args, tmp_path, "epoch 2/2 batch 2/")
 
 
 def test_eval_widths_and_lambdas_pick_the_evaluated_views():

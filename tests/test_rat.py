@@ -14,7 +14,7 @@ from advtrain.data import Batch
 from advtrain.methods import build_method
 from advtrain.methods.awp import WeightPerturbation
 from advtrain.methods.rat import last_layer_row_sums, smoothing_mass, smoothing_targets
-from conftest import assert_resume_equals_straight, TINY, checked, make_context, run_cli
+from conftest import TINY, checked, make_context, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -140,14 +140,6 @@ def test_rat_without_its_taylor_terms_is_trades():
     rat = _one_step(["method=rat", "method.taylor_weight=0"], _Features(copy.deepcopy(model)), batch)
     for a, b in zip(trades.parameters(), rat.parameters()):
         assert torch.allclose(a, b, atol=1e-6)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("method", [["method=awp", "method.base=trades", "method.warmup_epochs=1"],
-                                    ["method=rat", "method.base=awp_trades", "method.warmup_epochs=1"]])
-def test_resumed_runs_equal_uninterrupted_ones(method, tmp_path):
-    args = [*TINY, *method, "trainer.epochs=3", "trainer.deterministic=true", "trainer.log_every_s=0"]
-    assert_resume_equals_straight(args, tmp_path, "epoch 2/3 batch 3/")
 
 
 @pytest.mark.slow

@@ -13,7 +13,7 @@ from advtrain.engine.checkpoint import load_checkpoint
 from advtrain.errors import CheckpointError
 from advtrain.engine.precision import resolve_runtime
 from advtrain.engine.run import build_parts
-from conftest import assert_resume_equals_straight, TINY, checked, run_cli
+from conftest import TINY, checked, run_cli
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -116,13 +116,6 @@ def test_a_bad_teacher_is_one_line(case, teacher, tmp_path):
                 "other_shape": "images of shape (1, 12, 12) with 4 classes; this run's synthetic has (1, 16, 16)"}
     assert "the method's teacher model" in proc.stderr and expected[case] in proc.stderr
     assert not run_dir.exists()
-
-
-@pytest.mark.slow
-def test_a_resumed_rrm_run_equals_an_uninterrupted_one(teacher, tmp_path):
-    args = [*TINY, "method=rrm", f"method.teacher={teacher}", "arch=madry_cnn", "trainer.epochs=3",
-            "trainer.deterministic=true", "trainer.log_every_s=0"]
-    assert_resume_equals_straight(args, tmp_path, "epoch 2/3 batch 3/")
 
 
 @pytest.mark.slow
