@@ -126,14 +126,14 @@ class Method:
         """Called after each epoch with its averaged metrics; returns extra per-epoch values to log."""
         return {}
 
-    def views(self) -> list[View]:
-        """Every setting a trained model can be used in (load_model's `view`); one unnamed view (the plain model)
-        for most methods."""
+    def eval_views(self) -> list[View]:
+        """The settings the run evaluates; one unnamed view (the plain model) for most methods."""
         return [View("")]
 
-    def eval_views(self) -> list[View]:
-        """The settings the run evaluates: all of views() unless the method's config keeps fewer."""
-        return self.views()
+    def views(self) -> list[View]:
+        """Every setting a trained model can be used in (load_model's `view`): the evaluated ones, unless the
+        method's config evaluates fewer than it trains (OAT's method.eval_lambdas)."""
+        return self.eval_views()
 
     def select_score(self, scores: Mapping[str, Mapping[str, float]]) -> float:
         """The number model selection (best.pt) keeps the highest of, from a periodic evaluation's scores per view:
