@@ -42,7 +42,7 @@ from advtrain.attacks import PassCounter  # noqa: E402
 from advtrain.attacks import projected as attack_engine  # noqa: E402
 from advtrain.config import check_config  # noqa: E402
 from advtrain.data import Batch  # noqa: E402
-from advtrain.engine.loop import train_batch  # noqa: E402
+from advtrain.engine.loop import LoopSettings, train_batch  # noqa: E402
 from advtrain.engine.optim import resolve_impl  # noqa: E402
 from advtrain.engine.precision import resolve_runtime, seed_everything  # noqa: E402
 from advtrain.engine.run import build_context, build_parts  # noqa: E402
@@ -160,6 +160,7 @@ class Ours(Runner):
     def __init__(self, variant: Variant, base: list[str], workers: int):
         self.variant = variant
         self.cfg = cfg = compose(base + variant.overrides)
+        self.loop = LoopSettings.of(cfg)
         self.rt = rt = resolve_runtime(cfg.trainer)
         super().__init__(variant.name, rt.device, cfg.trainer.batch_size)
         seed_everything(cfg.seed, cfg.trainer.deterministic)  # every runner starts from the same weights and data
@@ -184,7 +185,7 @@ class Ours(Runner):
         self.marks.mark("step")
         ctx = self.ctx
         ctx.batch_idx = (ctx.batch_idx + 1) % ctx.batches_per_epoch
-        train_batch(ctx, self.parts.method, next(self.batches), self.cfg, self.sums)
+        train_batch(ctx, self.parts.method, next(self.batches), self.loop, self.sums)
         if self.variant.sync_every_step:
             float(self.sums["loss"])
 
@@ -213,7 +214,7 @@ def count_flops(cfg, parts) -> float:
     parts.method.setup(ctx)
     batch = next(device_batches(parts.data.train))
     with MatrixFlops() as flops:
-        train_batch(ctx, parts.method, batch, cfg, {})
+        train_batch(ctx, parts.method, batch, LoopSettings.of(cfg), {})
     return flops.total / len(batch.y)
 
 

@@ -145,7 +145,7 @@ def _loop_parts(epochs: int = 2):
 
 
 def _run_loop(cfg, parts, ctx, state):
-    from advtrain.engine.loop import run_epochs
+    from advtrain.engine.loop import LoopSettings, run_epochs
     from advtrain.logging.console import TrainProgress
     saved, records = [], []
 
@@ -154,7 +154,7 @@ def _run_loop(cfg, parts, ctx, state):
         return "last.pt"
 
     progress = TrainProgress(cfg.trainer.epochs, len(parts.data.train), "off", 0)
-    run_epochs(ctx, parts.method, parts.data.train, cfg, state, progress=progress, save=save,
+    run_epochs(ctx, parts.method, parts.data.train, LoopSettings.of(cfg), state, progress=progress, save=save,
                on_epoch=records.append, periodic_eval=None)
     return saved, records
 

@@ -20,7 +20,7 @@ from advtrain.engine.context import TrainContext
 from advtrain.engine.distributed import SINGLE, Dist, rank_seed, sync_buffers
 from advtrain.engine.evaluate import RunEvaluation, flat
 from advtrain.engine.finish import final_evaluation, record_results
-from advtrain.engine.loop import LoopState, run_epochs
+from advtrain.engine.loop import LoopSettings, LoopState, run_epochs
 from advtrain.engine.network import build_network, model_from_checkpoint, model_spec
 from advtrain.engine.optim import build_optimizer
 from advtrain.engine.precision import Runtime, resolve_runtime, seed_everything
@@ -109,7 +109,7 @@ def train_epochs(cfg, ctx: TrainContext, parts: "Parts", state: LoopState, ckpts
         sync_buffers(parts.model, dist)
         return evaluation.periodic(ctx.attack_model, state, lambda: ckpts.save(state, ckpts.best_path))
 
-    run_epochs(ctx, parts.method, parts.data.train, cfg, state, progress=progress, save=ckpts.save,
+    run_epochs(ctx, parts.method, parts.data.train, LoopSettings.of(cfg), state, progress=progress, save=ckpts.save,
                on_epoch=on_epoch, periodic_eval=periodic_eval if cfg.eval.every else None)
 
 
