@@ -1,16 +1,20 @@
-"""A method is one module and one YAML: the shipped ones mirror each other, and a new one outside the package trains
-with nothing else edited."""
+"""A method is one module whose YAML is written from its Config (the shipped ones match it), and a new one outside
+the package trains with nothing else edited."""
 from __future__ import annotations
 
 import json
+import sys
 import textwrap
-from dataclasses import MISSING, fields
+from dataclasses import fields
 
 import pytest
 from omegaconf import OmegaConf
 
 from advtrain.methods import discover, method_class, shipped
 from conftest import REPO, TINY, run_cli
+
+sys.path.insert(0, str(REPO / "scripts"))
+from method_yaml import _comments_in, method_yaml  # noqa: E402
 
 CONF = REPO / "advtrain" / "conf" / "method"
 
@@ -20,16 +24,32 @@ def test_every_shipped_yaml_has_its_module_and_no_module_lacks_its_yaml():
 
 
 @pytest.mark.parametrize("name", shipped())
-def test_a_method_yaml_sets_exactly_its_configs_fields_with_its_defaults(name):
+def test_a_method_yaml_is_its_config_written_out(name):
+    """The Config dataclass is the one place a method's defaults live; its YAML (what Hydra composes, without
+    importing torch) is written from it by scripts/method_yaml.py, field by field with its comment."""
+    assert (CONF / f"{name}.yaml").read_text() == method_yaml(name), \
+        f"advtrain/conf/method/{name}.yaml differs from its Config: run python scripts/method_yaml.py {name}"
     yaml = OmegaConf.load(CONF / f"{name}.yaml")
-    config = {f.name: f for f in fields(method_class({"name": name}).Config) if f.name != "_target_"}
-    assert yaml.name == name
-    assert set(yaml) == set(config), "the YAML and the Config dataclass list different settings"
-    for key, f in config.items():
-        if key == "name" or OmegaConf.is_interpolation(yaml, key):
-            continue  # name: the YAML's own; interpolations: the dataset's threat model
-        default = f.default_factory() if f.default_factory is not MISSING else f.default
-        assert yaml[key] == default, f"{name}.{key}: YAML {yaml[key]!r}, Config {default!r}"
+    config = {f.name for f in fields(method_class({"name": name}).Config)} - {"_target_"}
+    assert yaml.name == name and set(yaml) == config
+
+
+def test_the_yaml_writer_reads_every_kind_of_comment_a_config_has():
+    """Comments above a field, inline, and an inline comment wrapped under itself, each to its own field."""
+    source = textwrap.dedent('''
+        class Config(MethodConfig):
+            # above a, line 1
+            # above a, line 2
+            a: int = 1       # inline a
+            b: str = "x#y"   # inline b, after a '#' inside a string,
+                             # wrapped under itself
+            # above c
+            c: float = 0.5
+            d: int = 0
+    ''')
+    assert _comments_in(source) == {"a": "above a, line 1 above a, line 2 inline a",
+                                    "b": "inline b, after a '#' inside a string, wrapped under itself",
+                                    "c": "above c", "d": ""}
 
 
 PLUGIN = '''

@@ -1,8 +1,9 @@
-"""Training methods as plug-ins over one loop. A method is one module and one YAML, nothing else to edit:
+"""Training methods as plug-ins over one loop. A method is one module, and its YAML is written from it:
 
-- `advtrain/methods/<name>.py` defines one subclass of `Method`, with its settings in a nested `Config(MethodConfig)`
-  dataclass (`pixel()` and `choice()` mark pixel-unit and fixed-choice fields);
-- `advtrain/conf/method/<name>.yaml` holds `name: <name>` and the defaults, and `method=<name>` selects it.
+- `advtrain/methods/<name>.py` defines one subclass of `Method`, with its settings and their defaults in a nested
+  `Config(MethodConfig)` dataclass (`pixel()` and `choice()` mark pixel-unit and fixed-choice fields);
+- `advtrain/conf/method/<name>.yaml`, which `method=<name>` selects, is written from that Config by
+  `python scripts/method_yaml.py <name>` (tests check that it still matches).
 
 A method kept outside the package (your own code) names its class in the YAML instead: `_target_:
 my_package.my_method.MyMethod`, with the YAML in a config folder Hydra searches (`hydra.searchpath=[file://...]`).

@@ -78,9 +78,9 @@ class AWP(Method):
     @dataclass
     class Config(MethodConfig):
         base: str = choice("pgd", "trades")
-        eps: Any = pixel()
-        alpha: Any = pixel()          # the base attack's step size
-        steps: int = attack_steps(10, zero="clean inputs")  # the base attack's steps
+        eps: Any = pixel("${dataset.eps}")
+        alpha: Any = pixel("${dataset.pgd_alpha}")  # the base attack's step size
+        steps: int = attack_steps("${dataset.pgd_steps}", zero="clean inputs")  # the base attack's steps
         start: str = choice("uniform", "uniform_raw", "none")  # PGD-AT's random start
         beta: float = 6.0             # TRADES' weight of the KL term
         init_std: float = 0.001       # TRADES' Gaussian start

@@ -55,7 +55,7 @@ class View:
 
 class Method:
     """Base class: natural training. Subclasses override `train_step` and whichever hooks they need, and declare
-    their settings in a nested `Config(MethodConfig)` dataclass that mirrors their YAML."""
+    their settings in a nested `Config(MethodConfig)` dataclass, from which their YAML is written."""
 
     Config = MethodConfig
     find_unused_parameters: bool = False  # some training steps leave parameters without a gradient (DDP must know)

@@ -36,7 +36,7 @@ class DEAT(Method):
 
     @dataclass
     class Config(MethodConfig):
-        eps: Any = pixel()
+        eps: Any = pixel("${dataset.eps}")
         alpha: Any = pixel(None)       # delta step per replay; None = 1.25 eps (the standard setting's 10/255 at 8/255)
         tau: Any = pixel(None)         # start radius, delta ~ U(-tau, tau); None = eps (8/255 in the paper)
         carry: bool = False            # keep delta across minibatches (FREE's buffer) instead of a fresh start

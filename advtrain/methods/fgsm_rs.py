@@ -20,7 +20,7 @@ class FGSMRS(GuardedMethod):
 
     @dataclass
     class Config(GuardConfig):
-        eps: Any = pixel()
+        eps: Any = pixel("${dataset.eps}")
         alpha_factor: float = 1.25   # FGSM step = alpha_factor * eps
         # uniform_raw: Wong's MNIST code (the start not clamped to [0,1]); uniform: their CIFAR code
         start: str = choice("uniform", "uniform_raw", "none", default="uniform_raw")

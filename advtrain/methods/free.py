@@ -25,7 +25,7 @@ class FreeAT(GuardedMethod):
 
     @dataclass
     class Config(GuardConfig):  # the guard: off by default, as the paper
-        eps: Any = pixel()
+        eps: Any = pixel("${dataset.eps}")
         replays: int = count(8, what="the updates per minibatch")  # m: updates per minibatch
         step: Any = pixel(None)      # delta step per replay; None = eps, as in the paper
 

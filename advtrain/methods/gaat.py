@@ -28,9 +28,9 @@ class GAAT(StepsMethod):
 
     @dataclass
     class Config(MethodConfig):
-        eps: Any = pixel()
-        alpha: Any = pixel()          # step size, pixel units
-        steps: int = attack_steps(10)  # K: the PGD-K attack this one stands in for
+        eps: Any = pixel("${dataset.eps}")
+        alpha: Any = pixel("${dataset.pgd_alpha}")  # step size, pixel units
+        steps: int = attack_steps("${dataset.pgd_steps}")  # K: the PGD-K attack this one stands in for
         n_exact: int = 4              # steps per attack whose input gradient is computed (each one pass)
         exact_at: str = choice("spread", "first")  # spread: steps 0, K/n, 2K/n, ...; first: 0 .. n_exact-1
         order: int = 2                # Taylor partial sum: 1 (gradient held) | 2 (secant curvature term)

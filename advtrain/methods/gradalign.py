@@ -87,7 +87,7 @@ class GradAlign(GuardedMethod):
 
     @dataclass
     class Config(GuardConfig):  # the guard: off by default, as GradAlign is its own remedy
-        eps: Any = pixel()
+        eps: Any = pixel("${dataset.eps}")
         alpha_factor: float = 1.25  # FGSM step = alpha_factor * eps, then clamped to the ball (their --fgsm_alpha)
         # none: FGSM from x (their GradAlign runs, attack_init=zero); uniform: FGSM-RS (attack_init=random)
         start: str = choice("none", "uniform", "uniform_raw")

@@ -38,9 +38,9 @@ class MART(TRADES):
 
     @dataclass
     class Config(MethodConfig):
-        eps: Any = pixel()
-        alpha: Any = pixel()         # the attack step size
-        steps: int = attack_steps(10)
+        eps: Any = pixel("${dataset.eps}")
+        alpha: Any = pixel("${dataset.pgd_alpha}")  # the attack step size
+        steps: int = attack_steps("${dataset.pgd_steps}")
         beta: float = 6.0            # weight of the misclassification-aware KL term
         init_std: float = 0.001      # std of the Gaussian start, pixel units
         bn: str = choice("eval", "train", "keep")  # BN mode while attacking (their code: eval)

@@ -42,7 +42,7 @@ class NFGSM(GuardedMethod):
 
     @dataclass
     class Config(GuardConfig):  # the guard: off by default, as the authors need none
-        eps: Any = pixel()
+        eps: Any = pixel("${dataset.eps}")
         alpha: Any = pixel(None)     # the step; None = eps, as the authors (--alpha = --epsilon)
         k: float = in_range(0, None, 2.0, what="the noise magnitude, a multiple of eps (0: no noise)")  # --unif
         # clip delta to [-clip eps, clip eps] after the step (their --clip); None: never (their default, -1)

@@ -40,8 +40,8 @@ class OAT(Method):
 
     @dataclass
     class Config(MethodConfig):
-        eps: Any = pixel()
-        alpha: Any = pixel()            # the attack's step size
+        eps: Any = pixel("${dataset.eps}")
+        alpha: Any = pixel("${dataset.pgd_alpha}")  # the attack's step size
         steps: int = attack_steps(7)
         start: str = choice("uniform", "uniform_raw", "none")
         bn: str = choice("eval", "train", "keep")  # BN mode while attacking

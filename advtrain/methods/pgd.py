@@ -23,10 +23,10 @@ class PGDAT(StepsMethod):
 
     @dataclass
     class Config(MethodConfig):
-        eps: Any = pixel()           # L-inf radius, [0,1] pixel units
-        alpha: Any = pixel()         # step size, pixel units
+        eps: Any = pixel("${dataset.eps}")  # L-inf radius, [0,1] pixel units
+        alpha: Any = pixel("${dataset.pgd_alpha}")  # step size, pixel units
         # K attack steps per batch; under steps_schedule=magnitude the most K grows to
-        steps: int = attack_steps(10, zero="clean training")
+        steps: int = attack_steps("${dataset.pgd_steps}", zero="clean training")
         start: str = choice("uniform", "uniform_raw", "none")
         bn: str = choice("eval", "train", "keep")  # BN mode while attacking
         steps_schedule: str = choice("none", "magnitude")  # magnitude: M+, K = 0, 1, ... grows by G, up to steps

@@ -60,9 +60,9 @@ class RAT(Method):
     @dataclass
     class Config(MethodConfig):
         base: str = choice("trades", "awp_trades")
-        eps: Any = pixel()
-        alpha: Any = pixel()           # the attack's step size
-        steps: int = attack_steps(10)
+        eps: Any = pixel("${dataset.eps}")
+        alpha: Any = pixel("${dataset.pgd_alpha}")  # the attack's step size
+        steps: int = attack_steps("${dataset.pgd_steps}")
         beta: float = 6.0              # TRADES' KL weight
         init_std: float = 0.001
         bn: str = choice("eval", "train", "keep")

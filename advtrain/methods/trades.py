@@ -26,9 +26,10 @@ class TRADES(StepsMethod):
 
     @dataclass
     class Config(MethodConfig):
-        eps: Any = pixel()
-        alpha: Any = pixel()         # eta, the attack step size
-        steps: int = attack_steps(10, zero="clean training")  # K; under steps_schedule=magnitude the most K grows to
+        eps: Any = pixel("${dataset.eps}")
+        alpha: Any = pixel("${dataset.pgd_alpha}")  # eta, the attack step size
+        # K; under steps_schedule=magnitude the most K grows to
+        steps: int = attack_steps("${dataset.pgd_steps}", zero="clean training")
         beta: float = 6.0            # weight of the robustness (KL) term
         init_std: float = 0.001      # std of the Gaussian start, pixel units
         bn: str = choice("eval", "train", "keep")
