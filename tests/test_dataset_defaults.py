@@ -61,6 +61,13 @@ def recipe(cfg) -> dict:
 
 
 # --- compose: what each dataset brings, and what wins over it ------------------------------------------------------
+def test_every_dataset_has_a_recipe():
+    """train.yaml's `recipe: ${dataset}` is no optional entry: a dataset without recipe/<dataset>.yaml would have no
+    optimizer or LR schedule at all."""
+    assert sorted(p.stem for p in (CONF / "recipe").glob("*.yaml")) == sorted(
+        p.stem for p in (CONF / "dataset").glob("*.yaml"))
+
+
 @pytest.mark.parametrize("dataset", ["mnist", "fashion_mnist"])
 def test_mnist_family_brings_adam_the_triangle_and_the_eps_warmup(dataset):
     cfg = compose_train([f"dataset={dataset}"])
