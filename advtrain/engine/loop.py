@@ -118,7 +118,7 @@ def train_batch(ctx: TrainContext, method, batch, cfg, sums: dict) -> float:
     """One minibatch: the LR for this point of training, the method's step under autocast, and the step's metrics
     added to `sums` (device tensors, weighted by rows: no host sync). Returns the LR used."""
     lr = set_lr(ctx.optimizer, cfg.optim.lr, lr_factor(cfg.schedule, ctx.progress))
-    method.scale_threat_model(eps_factor(cfg.trainer.get("eps_warmup", 0.0), ctx.progress))
+    method.threat.scale = eps_factor(cfg.trainer.get("eps_warmup", 0.0), ctx.progress)
     ctx.loss_weight = batch.weight
     with ctx.autocast():
         out = method.train_step(batch, ctx)
