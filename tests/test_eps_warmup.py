@@ -31,29 +31,42 @@ def test_budget_scales_the_pixel_settings_only_and_restores_them_exactly(method)
     cfg = checked([f"method={method}"])
     m = build_method(cfg.method, SimpleNamespace(name="synthetic"))
     full = {k: getattr(cfg.method, k) for k in ("eps", "alpha", "step", "tau", "steps", "replays") if k in cfg.method}
-    m.scale_threat_model(0.25)
+    m.threat.scale = 0.25
     for key, value in full.items():
-        scaled = getattr(m.cfg, key)
-        if key in ("steps", "replays") or value is None:
-            assert scaled == value  # counts are not in pixel units
+        if key in ("steps", "replays"):
+            assert not hasattr(m.threat, key) and getattr(m.cfg, key) == value  # counts are not in pixel units
+        elif value is None:
+            assert getattr(m.threat, key) is None
         else:
-            assert scaled == pytest.approx(0.25 * value)
-    m.scale_threat_model(1.0)
-    assert all(getattr(m.cfg, k) == v for k, v in full.items()) and m.cfg is cfg.method
+            assert getattr(m.threat, key) == pytest.approx(0.25 * value)
+    assert m.cfg is cfg.method  # the configured values stay where they were
+    m.threat.scale = 1.0
+    assert all(getattr(m.threat, k) == v for k, v in full.items() if k not in ("steps", "replays"))
+
+
+@pytest.mark.parametrize("overrides", [["method=awp"], ["method=awp", "method.base=trades"], ["method=rat"]])
+def test_a_method_built_inside_another_attacks_at_the_outer_scale(overrides):
+    """AWP's base and RAT's TRADES hold the outer method's threat model: the one scale the loop sets reaches them."""
+    cfg = checked(overrides)
+    m = build_method(cfg.method, SimpleNamespace(name="synthetic", num_classes=10))
+    inner = m.trades if cfg.method.name == "rat" else m.base
+    m.threat.scale = 0.25
+    assert inner.threat is m.threat and inner.threat.eps == pytest.approx(0.25 * cfg.method.eps)
+    assert inner.threat.alpha == pytest.approx(0.25 * cfg.method.alpha)
 
 
 def test_attacks_during_warmup_use_the_ramped_eps(tmp_path, monkeypatch):
     """PGD-AT's attack radius per batch follows the ramp: 2 epochs, warm-up over the first half."""
-    import advtrain.methods.base as base
+    import advtrain.methods.steps_schedule as steps_schedule
 
     seen = []
-    plain = base.pgd
+    plain = steps_schedule.pgd
 
     def recording(model, x, y, **kw):
         seen.append(kw["eps"])
         return plain(model, x, y, **kw)
 
-    monkeypatch.setattr(base, "pgd", recording)
+    monkeypatch.setattr(steps_schedule, "pgd", recording)
     train(checked(["method=pgd", "trainer.epochs=2", "trainer.eps_warmup=0.5"]), tmp_path)
     eps = 0.1  # synthetic data's threat model
     # 4 batches per epoch; batch b of epoch 0 is at progress b/8 of training, so at (b/8) / 0.5 of the ramp.

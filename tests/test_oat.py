@@ -155,7 +155,7 @@ def test_the_fixed_lambda_baseline_is_pgd_at_with_a_weighted_clean_term():
     method = build_method(checked([*TINY, "method=pgd"]).method, type("Info", (), {"num_classes": 4})())
     ctx = make_context(expected)
     torch.manual_seed(3)
-    x_adv = method.attack(ctx, batch.x, batch.y, start="uniform")
+    x_adv = method.attack(ctx.attack_model, ctx.counter, batch.x, batch.y, start="uniform")
     loss = 0.7 * F.cross_entropy(expected(batch.x), batch.y) + 0.3 * F.cross_entropy(expected(x_adv), batch.y)
     ctx.update(loss)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(half.parameters(), expected.parameters()))

@@ -107,7 +107,7 @@ def test_the_eps_warm_up_ramps_the_weight_perturbation(overrides):
 
     method.perturbation.compute = recording
     for factor in (0.0, 0.4, 1.0):
-        method.scale_threat_model(factor)
+        method.threat.scale = factor
         method.train_step(batch, ctx)
         assert sizes[-1] == pytest.approx([0.05 * factor] * 2, rel=1e-4, abs=1e-9), factor
 

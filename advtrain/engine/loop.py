@@ -178,7 +178,7 @@ def train_batch(ctx: TrainContext, method, batch, settings: LoopSettings, sums: 
     """One minibatch: the LR for this point of training, the method's step under autocast, and the step's metrics
     added to `sums` (device tensors, weighted by rows: no host sync). Returns the LR used."""
     lr = set_lr(ctx.optimizer, settings.peak_lr, lr_factor(settings.schedule, ctx.progress))
-    method.scale_threat_model(eps_factor(settings.eps_warmup, ctx.progress))
+    method.threat.scale = eps_factor(settings.eps_warmup, ctx.progress)
     ctx.loss_weight = batch.weight
     with ctx.autocast():
         out = method.train_step(batch, ctx)

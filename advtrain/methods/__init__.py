@@ -20,7 +20,8 @@ from typing import Any, Mapping
 from advtrain.errors import ConfigError
 from advtrain.methods.base import Method, config_of
 
-HELPERS = {"base", "context", "overfitting_guard", "replay", "schedules"}  # modules of this package that hold no method
+# modules of this package that hold no method
+HELPERS = {"base", "context", "overfitting_guard", "replay", "schedules", "steps_schedule", "threat"}
 
 
 class UnknownMethod(ConfigError):

@@ -91,13 +91,9 @@ class AWP(Method):
 
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
-        self.base = _base(cfg, info)
+        self.base = self.share_threat(_base(cfg, info))  # one threat model: the ε warm-up ramps both
         self.gamma = cfg.gamma if cfg.gamma is not None else GAMMA[cfg.base]
         self.warmup = cfg.warmup_epochs if cfg.warmup_epochs is not None else WARMUP_EPOCHS[cfg.base]
-
-    def scale_threat_model(self, factor: float) -> None:
-        super().scale_threat_model(factor)
-        self.base.scale_threat_model(factor)
 
     def setup(self, ctx):
         self.base.setup(ctx)
@@ -118,7 +114,8 @@ class AWP(Method):
 
             halves = 2
         else:
-            x_adv = self.base.attack(ctx, x, y, start=self.base.cfg.start if self.base.steps > 0 else "none")
+            start = self.base.cfg.start if self.base.steps > 0 else "none"
+            x_adv = self.base.attack(ctx.attack_model, ctx.counter, x, y, start=start)
 
             def base_loss(model, with_logits=False):
                 logits = model(x_adv)
@@ -126,7 +123,7 @@ class AWP(Method):
                 return (loss, logits) if with_logits else loss
 
             halves = 1
-        diffs = self.perturbation.compute(base_loss, self.threat_scale)  # up the base loss's gradient
+        diffs = self.perturbation.compute(base_loss, self.threat.scale)  # up the base loss's gradient
         with self.perturbation.applied(diffs):
             loss, logits = base_loss(ctx.model, with_logits=True)
             ctx.backward(loss)

@@ -4,6 +4,9 @@ A method says how one minibatch becomes weight updates; the shared loop (advtrai
 else: data, precision, LR, timing, checkpoints, logging. The contract covers the shapes the methods take:
 
 - most methods attack, then update once (PGD-AT, FGSM-RS, TRADES, GAAT): `train_step` calls `ctx.update` once;
+- attacks read their settings in pixel units (eps, step sizes, start radii: the Config's pixel() fields) as
+  `self.threat.eps`, ..., which follow trainer.eps_warmup (the loop sets `threat.scale` every minibatch); `self.cfg`
+  holds the configured values. A method built inside another (AWP's base) joins its threat model (`share_threat`);
 - replay methods update several times per minibatch, reusing the update's own backward for the attack (FREE, DEAT):
   `ctx.update(loss, inputs=(delta,))` returns the unscaled input gradients of that same pass;
 - several forwards and backwards per optimizer step (OATS' widths): `ctx.backward(loss, last=False)` for all but
@@ -33,8 +36,7 @@ from typing import TYPE_CHECKING, Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from advtrain.attacks import pgd
-from advtrain.methods.schedules import GradMagnitude, MagnitudeRule
+from advtrain.methods.threat import ThreatModel
 from advtrain.schema import MethodConfig
 
 if TYPE_CHECKING:
@@ -62,35 +64,20 @@ class Method:
     compilable: bool = True               # False: the method cannot run under torch.compile (refused in one line)
 
     def __init__(self, cfg: Any, info: DatasetInfo):
-        self.cfg = cfg
+        self.cfg = cfg  # the configured settings; pixel ones are read through self.threat, at the warm-up's scale
         self.info = info
-        self._full_cfg, self._threat_scale = cfg, 1.0
+        self.threat = ThreatModel(cfg, self.Config)
 
-    @property
-    def full_cfg(self) -> Any:
-        """The configured settings, whatever the ε warm-up's current scale (self.cfg is the scaled view)."""
-        return self._full_cfg
-
-    @property
-    def threat_scale(self) -> float:
-        """The ε warm-up's current factor in [0, 1] (1 once it is over, or without one)."""
-        return self._threat_scale
-
-    def scale_threat_model(self, factor: float) -> None:
-        """Scale every setting in pixel units (eps, step sizes, start radii: the Config fields marked pixel()) by
-        `factor` in [0, 1], the ε warm-up of trainer.eps_warmup; 1 restores the configured values exactly."""
-        if factor == self._threat_scale:
-            return
-        self._threat_scale = factor
-        if factor == 1.0:
-            self.cfg = self._full_cfg
-            return
-        full = self._full_cfg
-        scaled = {f.name: getattr(full, f.name) for f in fields(self.Config) if hasattr(full, f.name)}
-        for f in fields(self.Config):
-            if f.metadata.get("pixel") and scaled.get(f.name) is not None:
-                scaled[f.name] = scaled[f.name] * factor
-        self.cfg = SimpleNamespace(**scaled)
+    def share_threat(self, inner: Method) -> Method:
+        """`inner`, a method built inside this one from its settings (AWP's base, RAT's TRADES), attacking in this
+        one's threat model: the two hold one ThreatModel, so the ε warm-up's scale the loop sets here is inner's."""
+        mine, theirs = self.threat.configured(), inner.threat.configured()
+        differ = sorted(k for k, v in theirs.items() if k not in mine or mine[k] != v)
+        if differ:
+            raise ValueError(f"{type(inner).__name__}'s pixel settings {differ} are not {type(self).__name__}'s: an "
+                             "inner method attacks in its outer method's threat model")
+        inner.threat = self.threat
+        return inner
 
     def wrap_model(self, model: nn.Module, companions: Mapping[str, nn.Module]) -> nn.Module:
         """Change the model once, when it is built (before the optimizer and checkpoint loading). `companions`: the
@@ -147,51 +134,6 @@ class Method:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
-
-
-class StepsMethod(Method):
-    """A method with a K-step attack per batch. K is state, not config: a schedule may change it between epochs,
-    checkpoints carry it, and every epoch logs it.
-
-    steps_schedule=magnitude is DEAT's "M+" acceleration: K = 0 (clean training) in epoch 0, then 1, then one more
-    after each epoch whose G (|input gradient| of the attacks' last steps, summed over the epoch) exceeds the
-    threshold, or while alpha * K < eps; `steps` is the most K grows to (advtrain.methods.schedules).
-    """
-
-    def __init__(self, cfg: Any, info: DatasetInfo):
-        super().__init__(cfg, info)
-        self.steps = cfg.steps
-        self.schedule: MagnitudeRule | None = None
-        if getattr(cfg, "steps_schedule", "none") == "magnitude":  # older checkpoints' configs lack the key
-            self.schedule = MagnitudeRule(start=0, most=cfg.steps, gamma=cfg.gamma, alpha=cfg.alpha, eps=cfg.eps)
-            self.steps = self.schedule.count
-            self.grad_mag = GradMagnitude()
-
-    def attack(self, ctx: MethodContext, x: Tensor, y: Tensor | None, **kwargs) -> Tensor:
-        """The method's PGD with the current K; under a schedule, its last step's gradient also feeds G."""
-        c = self.cfg
-        common = dict(eps=c.eps, alpha=c.alpha, steps=self.steps, bn=c.bn, counter=ctx.counter, **kwargs)
-        last_grad = None if self.schedule is None else self.grad_mag.add
-        return pgd(ctx.attack_model, x, y, last_grad=last_grad, **common)
-
-    def epoch_end(self, ctx: MethodContext, metrics: dict[str, float]) -> dict[str, float]:
-        used = {"attack_steps": float(self.steps)}
-        if self.schedule is None:
-            return used
-        g, threshold = self.grad_mag.read(ctx.dist), self.schedule.threshold
-        self.steps = self.schedule.after_epoch(ctx.epoch, g=g)
-        return {**used, "G": g, **({} if threshold is None else {"threshold": threshold})}
-
-    def state_dict(self) -> dict[str, Any]:
-        if self.schedule is None:
-            return {"steps": self.steps}
-        return {"steps": self.steps, "schedule": self.schedule.state_dict(), "G": self.grad_mag.state_dict()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.steps = int(state["steps"])
-        if self.schedule is not None:
-            self.schedule.load_state_dict(state["schedule"])
-            self.grad_mag.load_state_dict(state["G"])
 
 
 def config_of(method: type, **values) -> SimpleNamespace:

@@ -56,9 +56,9 @@ class DEAT(Method):
 
     def train_step(self, batch, ctx):
         x, y = batch.x, batch.y
-        n, c = len(y), self.cfg
-        step = 1.25 * c.eps if c.alpha is None else c.alpha
-        out = replay(ctx, x, y, self._start(x), replays=self.rule.count, step=step, eps=c.eps)
+        n, c, t = len(y), self.cfg, self.threat
+        step = 1.25 * t.eps if t.alpha is None else t.alpha
+        out = replay(ctx, x, y, self._start(x), replays=self.rule.count, step=step, eps=t.eps)
         if c.carry:
             self.delta[:n] = out.delta
         self.grad_mag.add(out.grad, scale=n)  # per-example gradients: the update's loss is the batch mean
@@ -67,7 +67,7 @@ class DEAT(Method):
 
     def _start(self, x: torch.Tensor) -> torch.Tensor:
         if not self.cfg.carry:
-            tau = self.cfg.eps if self.cfg.tau is None else self.cfg.tau
+            tau = self.threat.eps if self.threat.tau is None else self.threat.tau
             return random_init(x, tau, "linf", "uniform") - x  # projected into the box, as the authors' code does
         self.delta = carried_buffer(self.delta, x)
         return self.delta[:len(x)]

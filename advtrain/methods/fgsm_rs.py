@@ -28,7 +28,7 @@ class FGSMRS(GuardedMethod):
         guard: bool = True           # the paper's code stops at catastrophic overfitting
 
     def train_step(self, batch, ctx):
-        c = self.cfg
-        x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=c.eps, alpha=c.alpha_factor * c.eps, steps=1,
+        c, eps = self.cfg, self.threat.eps
+        x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=eps, alpha=c.alpha_factor * eps, steps=1,
                     start=c.start, bn=c.bn, counter=ctx.counter)
         return cross_entropy_update(ctx, x_adv, batch.y)

@@ -35,8 +35,8 @@ class FreeAT(GuardedMethod):
 
     def train_step(self, batch, ctx):
         x, y = batch.x, batch.y
-        n, eps = len(y), self.cfg.eps
-        step = eps if self.cfg.step is None else self.cfg.step
+        n, eps = len(y), self.threat.eps
+        step = eps if self.threat.step is None else self.threat.step
         self.delta = carried_buffer(self.delta, x)
         out = replay(ctx, x, y, self.delta[:n], replays=self.cfg.replays, step=step, eps=eps)
         self.delta[:n] = out.delta

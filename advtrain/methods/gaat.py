@@ -20,7 +20,8 @@ import torch
 
 from advtrain.attacks import pgd, random_init
 from advtrain.errors import ConfigError
-from advtrain.methods.base import StepsMethod, cross_entropy_update
+from advtrain.methods.base import cross_entropy_update
+from advtrain.methods.steps_schedule import StepsMethod
 from advtrain.schema import MethodConfig, attack_steps, choice, count, pixel
 
 
@@ -65,12 +66,12 @@ class GAAT(StepsMethod):
         return sorted({i * steps // n for i in range(n)})
 
     def train_step(self, batch, ctx):
-        c = self.cfg
+        c, t = self.cfg, self.threat
         steps = self.steps if c.approx else min(c.n_exact, self.steps)
         # Without the approximated steps the exact ones take the whole path: K steps of alpha in n_exact strides.
-        alpha = c.alpha if c.approx else c.alpha * self.steps / max(steps, 1)
+        alpha = t.alpha if c.approx else t.alpha * self.steps / max(steps, 1)
         init = self._carried(batch) if c.carry else None
-        x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=c.eps, alpha=alpha, steps=steps, start=c.start,
+        x_adv = pgd(ctx.attack_model, batch.x, batch.y, eps=t.eps, alpha=alpha, steps=steps, start=c.start,
                     bn=c.bn, counter=ctx.counter, exact_steps=self.exact_steps(steps) if c.approx else None,
                     order=c.order, init=init)
         if c.carry:
@@ -95,7 +96,7 @@ class GAAT(StepsMethod):
         from advtrain.data.augment import apply_augmentation
 
         stored = apply_augmentation(self.delta[batch.index].float(), batch.crop, batch.flip, self.info.crop_padding)
-        fresh = random_init(x, self.cfg.eps, "linf", self.cfg.start)
+        fresh = random_init(x, self.threat.eps, "linf", self.cfg.start)
         return torch.where(self.seen[batch.index].view(-1, 1, 1, 1), x + stored, fresh)
 
     def _store(self, batch, delta: torch.Tensor) -> None:

@@ -100,9 +100,9 @@ class GradAlign(GuardedMethod):
                               "all-reduce does not support: run it with trainer.devices=1")
 
     def train_step(self, batch, ctx):
-        c, x, y = self.cfg, batch.x, batch.y
+        c, eps, x, y = self.cfg, self.threat.eps, batch.x, batch.y
         grads = []
-        x_adv = pgd(ctx.attack_model, x, y, eps=c.eps, alpha=c.alpha_factor * c.eps, steps=1, start=c.start,
+        x_adv = pgd(ctx.attack_model, x, y, eps=eps, alpha=c.alpha_factor * eps, steps=1, start=c.start,
                     bn=c.bn, counter=ctx.counter, last_grad=grads.append)  # counts FGSM_PASSES
         logits = ctx.model(x_adv)
         ce = F.cross_entropy(logits, y)
@@ -123,7 +123,7 @@ class GradAlign(GuardedMethod):
         """lambda * (1 - mean cos(g1, g2)) with g2 in the graph, and the mean cosine."""
         c = self.cfg
         # x + eta with eta ~ U(-eps, eps), not clamped to [0,1] (utils.get_input_grad feeds model(X + delta)).
-        point = random_init(x.detach(), c.eps, "linf", "uniform_raw").requires_grad_(True)
+        point = random_init(x.detach(), self.threat.eps, "linf", "uniform_raw").requires_grad_(True)
         with bn_mode(ctx.attack_model, c.bn):
             (g2,) = torch.autograd.grad(F.cross_entropy(ctx.attack_model(point), y), point, create_graph=True)
         term, cos = alignment(g1, g2)

@@ -61,8 +61,8 @@ class MART(TRADES):
         """PGD on CE from x + init_std·N(0, I) (projected), on `model` with BN in `bn` mode; counts `steps` passes."""
         x = batch.x.detach()
         start = x + self.cfg.init_std * torch.randn_like(x)
-        c = self.cfg
-        return pgd(model, x, batch.y, eps=c.eps, alpha=c.alpha, steps=self.steps, bn=c.bn, counter=counter,
+        t = self.threat
+        return pgd(model, x, batch.y, eps=t.eps, alpha=t.alpha, steps=self.steps, bn=self.cfg.bn, counter=counter,
                    loss="ce", init=start)
 
 

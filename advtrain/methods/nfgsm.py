@@ -24,7 +24,7 @@ draw with one eps:
   `bn` defaults to train (its running statistics see x + eta too, as in their code).
 - the update is one CE on X + delta, as `cross_entropy_update` does.
 The SVHN schedule of their code (eps, alpha and clip ramped from 0 over 5 epochs) is advtrain's trainer.eps_warmup:
-eps and alpha are pixel() fields, and k and clip are multiples of the (scaled) eps, so all follow it.
+eps and alpha are pixel() fields, read through self.threat, and k and clip are multiples of its eps, so all follow it.
 
 Reused from the attack engine: the noise is random_init at radius k eps; the step is pgd(steps=1, init=x + eta) with
 the ball radius set to k eps + alpha, which the step cannot leave, so pgd's projection only clamps to the image box.
@@ -50,14 +50,14 @@ class NFGSM(GuardedMethod):
         bn: str = choice("train", "eval", "keep")  # train: their attack's forward runs in train mode
 
     def train_step(self, batch, ctx):
-        c = self.cfg
+        c, eps = self.cfg, self.threat.eps
         x, y = batch.x, batch.y
-        alpha = c.eps if c.alpha is None else c.alpha
-        noise = c.k * c.eps
+        alpha = eps if self.threat.alpha is None else self.threat.alpha
+        noise = c.k * eps
         start = random_init(x, noise, "linf", "uniform")  # x + U(-k eps, k eps), clamped to [0, 1]
         # A radius of k eps + alpha: |eta + alpha sign(g)| never exceeds it, so nothing is projected to a ball.
         x_adv = pgd(ctx.attack_model, x, y, eps=noise + alpha, alpha=alpha, steps=1, init=start, bn=c.bn,
                     counter=ctx.counter)
         if c.clip is not None:
-            x_adv = project(x_adv, x, c.clip * c.eps, "linf")
+            x_adv = project(x_adv, x, c.clip * eps, "linf")
         return cross_entropy_update(ctx, x_adv, y)

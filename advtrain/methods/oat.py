@@ -96,7 +96,7 @@ class OAT(Method):
     def loss(self, ctx, x, y, values, condition=lambda lam: lam, counter=None):
         """(the batch's OAT loss at the given lambdas, the clean logits), its passes counted on `counter` (default
         ctx.counter). `condition` turns the Lambdas of a forward into the model's condition (OATS adds a width)."""
-        c, counter = self.cfg, ctx.counter if counter is None else counter
+        c, t, counter = self.cfg, self.threat, ctx.counter if counter is None else counter
         lam = Lambdas.of(values, self.lambdas, x.device)
         adv_rows = lam.other
         weights = values.to(x.device)
@@ -106,7 +106,7 @@ class OAT(Method):
             return F.cross_entropy(logits.float(), y), logits
         x_rows, y_rows = x.index_select(0, adv_rows), y.index_select(0, adv_rows)
         adv_lam = Lambdas.of(values[values > 0], self.lambdas, x.device)
-        x_adv = pgd(bind(ctx.attack_model, condition(adv_lam)), x_rows, y_rows, eps=c.eps, alpha=c.alpha,
+        x_adv = pgd(bind(ctx.attack_model, condition(adv_lam)), x_rows, y_rows, eps=t.eps, alpha=t.alpha,
                     steps=c.steps, start=c.start, bn=c.bn, counter=counter)
         joint = Lambdas.of(torch.cat([values, values[values > 0]]), self.lambdas, x.device)
         logits = ctx.model(torch.cat([x, x_adv]), cond=condition(joint)).float()

@@ -39,7 +39,7 @@ class GuardedMethod(Method):
         self.good_weights: dict | None = None
 
     def epoch_end(self, ctx, metrics):
-        c = self.full_cfg
+        c = self.cfg  # the configured eps, not self.threat's (see above)
         if not c.guard:
             return {}
         model = ctx.attack_model

@@ -6,7 +6,7 @@ CE(f(x + delta)). The attack takes input-only gradients through the plain module
 fixed-lambda PGD-AT that OAT's paper compares each of its lambdas with (the authors' PGDAT, `--Lambda`); lambda = 0
 is natural training, with no attack run.
 Cost: steps + 1 passes per example (steps + 2 with 0 < adv_weight < 1; 1 at 0). steps_schedule=magnitude grows K during training from 0 (clean training) up to
-`steps`, by DEAT's magnitude rule (advtrain.methods.base.StepsMethod).
+`steps`, by DEAT's magnitude rule (advtrain.methods.steps_schedule.StepsMethod).
 """
 from dataclasses import dataclass
 from typing import Any
@@ -16,7 +16,8 @@ from torch.nn import functional as F
 
 from advtrain.errors import ConfigError
 from advtrain.schema import MethodConfig, attack_steps, choice, pixel
-from advtrain.methods.base import StepsMethod, accuracy, cross_entropy_update
+from advtrain.methods.base import accuracy, cross_entropy_update
+from advtrain.methods.steps_schedule import StepsMethod
 
 
 class PGDAT(StepsMethod):
@@ -42,7 +43,7 @@ class PGDAT(StepsMethod):
         lam, x, y = self.cfg.adv_weight, batch.x, batch.y
         if lam == 0:
             return cross_entropy_update(ctx, x, y)
-        x_adv = self.attack(ctx, x, y, start=self.cfg.start if self.steps > 0 else "none")
+        x_adv = self.attack(ctx.attack_model, ctx.counter, x, y, start=self.cfg.start if self.steps > 0 else "none")
         if lam == 1:
             return cross_entropy_update(ctx, x_adv, y)
         logits = ctx.model(torch.cat([x, x_adv])).float()

@@ -80,15 +80,11 @@ class RAT(Method):
     def __init__(self, cfg, info):
         super().__init__(cfg, info)
         trades = {k: getattr(cfg, k) for k in ("eps", "alpha", "steps", "beta", "init_std", "bn")}
-        self.trades = TRADES(config_of(TRADES, name="trades", forward="auto", **trades), info)
+        self.trades = self.share_threat(TRADES(config_of(TRADES, name="trades", forward="auto", **trades), info))
         self.c = cfg.smoothing if cfg.smoothing is not None else smoothing_mass(info.num_classes)
         self.awp = cfg.base == "awp_trades"
         self.warmup = (cfg.warmup_epochs if cfg.warmup_epochs is not None else WARMUP_EPOCHS["trades"]) \
             if self.awp else 0
-
-    def scale_threat_model(self, factor: float) -> None:
-        super().scale_threat_model(factor)
-        self.trades.scale_threat_model(factor)
 
     def setup(self, ctx):
         self.trades.setup(ctx)
@@ -104,7 +100,7 @@ class RAT(Method):
                 natural, robust = trades_terms(*self.trades.forward_pair(model, x, x_adv), y)
                 return natural + c.beta * robust
 
-            diffs = self.perturbation.compute(trades_loss, self.threat_scale)  # ramped with ε, as AWP's
+            diffs = self.perturbation.compute(trades_loss, self.threat.scale)  # ramped with ε, as AWP's
             ctx.counter.add(n, 2)
             with self.perturbation.applied(diffs):
                 out = self._update_loss(ctx.model, x, x_adv, y)

@@ -19,7 +19,8 @@ from torch.nn import functional as F
 
 from advtrain.attacks import bn_mode
 from advtrain.schema import MethodConfig, attack_steps, choice, pixel
-from advtrain.methods.base import StepsMethod, accuracy, cross_entropy_update
+from advtrain.methods.base import accuracy, cross_entropy_update
+from advtrain.methods.steps_schedule import StepsMethod
 
 
 class TRADES(StepsMethod):
@@ -63,7 +64,7 @@ class TRADES(StepsMethod):
         with torch.no_grad(), bn_mode(model, self.cfg.bn):
             p_clean = F.softmax(model(batch.x).float(), dim=1)
         counter.add(len(batch.y), 1 / 3)
-        return self.attack(_On(model, counter), batch.x, batch.y, loss="kl", target=p_clean, start="normal")
+        return self.attack(model, counter, batch.x, batch.y, loss="kl", target=p_clean, start="normal")
 
     def forward_pair(self, model, x, x_adv, **kwargs):
         """The update's forward(s) on the clean and adversarial halves: (clean out, adversarial out), each logits or
@@ -87,10 +88,3 @@ def _split(out, n: int):
         halves = [t.split(n) for t in out]
         return tuple(h[0] for h in halves), tuple(h[1] for h in halves)
     return out.split(n)
-
-
-class _On:
-    """What StepsMethod.attack reads of a context (the attacking model, the pass counter), for a given model."""
-
-    def __init__(self, model, counter):
-        self.attack_model, self.counter = model, counter

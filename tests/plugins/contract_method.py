@@ -50,9 +50,9 @@ class Contract(Method):
         return model
 
     def train_step(self, batch, ctx):
-        c, x, y = self.cfg, batch.x, batch.y
+        c, t, x, y = self.cfg, self.threat, batch.x, batch.y
         cond = (torch.arange(len(y), device=y.device) % 2).float()
-        x_adv = pgd(bind(ctx.attack_model, cond), x, y, eps=c.eps, alpha=c.alpha, steps=2, counter=ctx.counter)
+        x_adv = pgd(bind(ctx.attack_model, cond), x, y, eps=t.eps, alpha=t.alpha, steps=2, counter=ctx.counter)
         teacher = ctx.companions["teacher"]
         halves = [torch.arange(0, len(y) // 2, device=y.device), torch.arange(len(y) // 2, len(y), device=y.device)]
         total, correct = 0.0, 0.0
