@@ -153,3 +153,23 @@ def test_awp_and_rat_train_on_two_gloo_ranks_and_count_their_passes(method, pass
     assert proc.returncode == 0, proc.stderr
     results = json.loads((run_dir / "results.json").read_text())
     assert results["world_size"] == 2 and results["passes_per_example"] == pytest.approx(passes)
+
+
+def test_trades_starts_its_attack_at_method_init_std():
+    """method.init_std reaches the attack: with one negligible step, x' - x is the start's N(0, init_std^2) draw."""
+    from types import SimpleNamespace
+
+    from advtrain.attacks.passes import PassCounter
+    from advtrain.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("mnist_net", num_classes=4, in_shape=(1, 12, 12), mean=[0.0], std=[1.0]).eval()
+    batch = SimpleNamespace(x=0.25 + 0.5 * torch.rand(8, 1, 12, 12), y=torch.randint(0, 4, (8,)))  # away from 0, 1
+
+    def spread(init_std: float) -> float:
+        cfg = checked([*TINY, "method=trades", "method.steps=1", "method.alpha=1e-6", f"method.init_std={init_std}"])
+        method = build_method(cfg.method, SimpleNamespace(num_classes=4))
+        return float((method.adversarial(batch, model, PassCounter()) - batch.x).std())
+
+    assert spread(0.001) == pytest.approx(0.001, rel=0.1)
+    assert spread(0.02) == pytest.approx(0.02, rel=0.1)

@@ -64,7 +64,9 @@ class TRADES(StepsMethod):
         with torch.no_grad(), bn_mode(model, self.cfg.bn):
             p_clean = F.softmax(model(batch.x).float(), dim=1)
         counter.add(len(batch.y), 1 / 3)
-        return self.attack(model, counter, batch.x, batch.y, loss="kl", target=p_clean, start="normal")
+        # TRADES' start, x + init_std N(0, I) (std in pixel units; the draw random_init's 'normal' start makes).
+        start = batch.x + self.cfg.init_std * torch.randn_like(batch.x)
+        return self.attack(model, counter, batch.x, batch.y, loss="kl", target=p_clean, init=start)
 
     def forward_pair(self, model, x, x_adv, **kwargs):
         """The update's forward(s) on the clean and adversarial halves: (clean out, adversarial out), each logits or
