@@ -25,6 +25,11 @@ def describe_hydra_error(e: BaseException) -> str | None:
     if isinstance(e, MissingConfigException) and e.missing_cfg_file and "/" in str(e.missing_cfg_file):
         group, _, option = str(e.missing_cfg_file).rpartition("/")
         options = sorted(p.stem for p in (CONF / group).glob("*.yaml"))
+        if options and group == "recipe":  # recipe: ${dataset}: a dataset of the user's own brings none
+            return (f"recipe={option} is not an option: a dataset of your own needs a recipe/{option}.yaml beside "
+                    f"its dataset/{option}.yaml (`# @package _global_` and `defaults: [cifar10]` trains with SGD and "
+                    f"the piecewise LR, [mnist] with Adam and the triangle LR), or recipe=<one of: "
+                    f"{', '.join(options)}> on the command line")
         if options:
             return f"{group}={option} is not an option; choose one of: {', '.join(options)}"
     return _first_line(e)

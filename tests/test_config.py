@@ -131,3 +131,15 @@ def test_method_settings_name_real_methods_and_keys_in_one_line():
         checked(["method=pgd", "+method_settings.trade.beta=1.0"])
     with pytest.raises(ConfigError, match=r"unknown config key 'method.stepz' \(did you mean method.steps\?\)"):
         checked(["method=pgd", "+method_settings.pgd.stepz=3"])
+
+
+@pytest.mark.parametrize("preset, drops", [("cifar10_trades_wrn34", [74]), ("cifar10_mart_wrn34", [74, 89])])
+def test_a_presets_lr_drops_in_the_epochs_the_authors_code_drops_it(preset, drops):
+    """TRADES' and MART's adjust_learning_rate lowers the LR from their (1-based) epoch 75 (and 90): after 74 (and
+    89) epochs. Each epoch's LR is read at its first and last of 391 steps (CIFAR-10 at batch 128)."""
+    cfg = checked([f"experiment={preset}"])
+    epochs, steps = cfg.trainer.epochs, 391
+    first = [lr_factor(cfg.schedule, e * steps / (epochs * steps)) for e in range(epochs)]
+    last = [lr_factor(cfg.schedule, (e * steps + steps - 1) / (epochs * steps)) for e in range(epochs)]
+    assert first == last  # constant within each epoch
+    assert [e for e in range(1, epochs) if first[e] < first[e - 1]] == drops
