@@ -42,6 +42,7 @@ def _one_line_errors(task):
             return task(cfg)
         except Interrupted as e:
             print(f"{_program()}: {e}", file=sys.stderr)
+            _where_the_sweep_stands()
             if e.chain is not None:  # submitit's handler: requeue the job, which resumes from the checkpoint
                 e.chain(e.signum, None)
             sys.exit(128 + e.signum)
@@ -60,7 +61,23 @@ def _user_error(e: Exception):
         raise e
     if not isinstance(e, RunDirBusy):  # that folder is another process's
         discard_fresh_run_dir()
-    _exit(f"error: {e}", 2)
+    print(f"{_program()}: error: {e}", file=sys.stderr, flush=True)
+    _where_the_sweep_stands()
+    sys.exit(2)
+
+
+def _where_the_sweep_stands() -> None:
+    """A job that ends a sweep early: the sweep's folder and what it holds (on stdout, after the one-line error),
+    as a sweep that ran to the end prints them, so the rerun that continues it is one command away."""
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.MULTIRUN:
+        return
+    from advtrain.sweep_callback import job_states, summary_lines
+
+    sweep_dir = Path(str(HydraConfig.get().sweep.dir))
+    if job_states(sweep_dir):
+        for line in summary_lines(sweep_dir):
+            print(line, flush=True)
+        print("rerun the same command to go on: finished jobs are skipped, interrupted ones resume", flush=True)
 
 
 def _program() -> str:

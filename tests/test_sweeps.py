@@ -282,3 +282,15 @@ def test_the_method_table_sweep_runs_every_method_and_rrm_learns_from_its_pgd_ru
                                               "width=0.5,lambda=1"]
     assert results["pgd"]["config"]["method"]["steps"] == 10  # the yardstick: PGD-10 at step 2.5 eps / 10
     assert results["gaat"]["config"]["method"]["steps"] == 10
+
+
+@pytest.mark.slow
+def test_a_job_that_ends_a_sweep_says_where_the_sweep_stands(tmp_path):
+    """The failing job's error stays one line on stderr; stdout ends with the sweep's folder, what it holds and
+    how to go on, as a finished sweep's last lines say."""
+    args = ["-m", "method=natural,rrm", *TINY, "attack=[]", "trainer.epochs=1", f"hydra.sweep.dir={tmp_path / 'sw'}"]
+    proc = run_cli(args, cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and "needs method.teacher" in proc.stderr
+    assert proc.stdout.rstrip().splitlines()[-3:] == [
+        "sweep folder: sw (1 job: 1 finished)", "compare the runs: advtrain-report sw",
+        "rerun the same command to go on: finished jobs are skipped, interrupted ones resume"]
